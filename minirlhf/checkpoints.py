@@ -1,0 +1,51 @@
+"""Saving and loading models in run folders.
+
+A stage's folder holds `model.pt` (a plain state_dict, written atomically and read back
+with `torch.load(..., weights_only=True)`) and `config.json`, whose "model" entry is the
+GPTConfig needed to rebuild the network before loading its weights.
+"""
+import dataclasses
+from pathlib import Path
+
+from minirlhf.common import ConfigError, load_torch, read_json, save_torch
+from minirlhf.model import GPT, GPTConfig, ScalarHeadModel
+
+
+def save_model(model, out_dir):
+    """Write the state_dict to out_dir/model.pt atomically."""
+    save_torch({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(out_dir) / "model.pt")
+
+
+def model_config(run_dir):
+    """The GPTConfig a stage recorded in its config.json."""
+    config = read_json(Path(run_dir) / "config.json")
+    if "model" not in config:
+        raise ConfigError(f"{run_dir}/config.json has no 'model' entry: is this a minirlhf run folder?")
+    return GPTConfig(**config["model"])
+
+
+def _load_into(model, run_dir):
+    state = load_torch(Path(run_dir) / "model.pt")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"{run_dir}/model.pt does not match its config.json ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def load_gpt(run_dir, device="cpu", tokenizer=None):
+    """The GPT saved in `run_dir` (an SFT, PPO or DPO folder), in eval mode."""
+    config = model_config(run_dir)
+    if tokenizer is not None and tokenizer.n_vocab != config.vocab_size:
+        raise ConfigError(f"{run_dir}: the model's vocabulary ({config.vocab_size}) does not match the "
+                          f"tokenizer's ({tokenizer.n_vocab}); was data/ retrained after this model?")
+    return _load_into(GPT(config), run_dir).to(device).eval()
+
+
+def load_scalar_model(run_dir, device="cpu"):
+    """The ScalarHeadModel (reward or value model) saved in `run_dir`, in eval mode."""
+    return _load_into(ScalarHeadModel(model_config(run_dir)), run_dir).to(device).eval()
+
+
+def gpt_config_dict(config):
+    return dataclasses.asdict(config)

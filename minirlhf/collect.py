@@ -1,0 +1,145 @@
+"""Step 2a of RLHF: simulated labelers rank samples of the SFT policy.
+
+InstructGPT (Ouyang et al. 2022, §3.5): "a prompt and several model outputs are sampled;
+a labeler ranks the outputs from best to worst". Here the labeler is simulated from the
+task's gold judge g(x, y) in [0, 1] by the Plackett-Luce model (Plackett 1975; Luce
+1959) with a labeler temperature τ:
+
+    P(ranking y_1 > y_2 > ... > y_K) = Π_i exp(g_i/τ) / Σ_{j>=i} exp(g_j/τ)
+
+sampled exactly with the Gumbel trick: sort by g_i/τ + Gumbel noise. For K = 2 this is the
+Bradley-Terry model, P(y_1 > y_2) = σ((g_1 − g_2)/τ). τ → 0 is a perfect labeler; a
+larger τ is a noisier one (τ = 0.1 confuses reviews whose gold scores differ by ~0.1).
+
+Outputs in the run folder: `rankings.jsonl` ({"prompt", "completions"} best -> worst),
+`pairs.jsonl` (all C(K,2) pairs of each ranking, as InstructGPT uses all of them; DPO
+trains on the same pairs), and held-out `rankings_test.jsonl` / `pairs_test.jsonl` from
+prompts never used for training.
+"""
+import dataclasses
+import itertools
+import random
+import statistics
+
+import torch
+from tqdm.auto import tqdm
+
+from minirlhf import common
+from minirlhf.checkpoints import load_gpt
+from minirlhf.data import default_path, read_jsonl, write_jsonl
+from minirlhf.sampling import generate
+from minirlhf.tasks import get_task
+from minirlhf.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass
+class CollectConfig:
+    """Sample K completions per prompt from the SFT policy and have a simulated labeler rank them."""
+    prompts: str = str(default_path("prompts_train"))  # prompts JSONL: {"prompt"}
+    task: str = "reviews"              # whose gold judge the labeler follows
+    n_prompts: int = 1000              # prompts to label (train + held-out)
+    test_fraction: float = 0.1         # share of prompts held out for reward-model evaluation
+    k: int = 4                         # completions sampled per prompt (InstructGPT: 4 to 9)
+    sample_temperature: float = 1.0    # sampling temperature of the SFT policy
+    labeler_temperature: float = 0.1   # Plackett-Luce noise τ; 0 ranks exactly by gold
+    max_new_tokens: int = 48           # completion length limit
+    max_prompt_tokens: int = 16        # longer prompts are refused
+    batch_size: int = 256              # sequences generated at once
+    seed: int = 0                      # seeds sampling, labels and the split
+
+    def validate(self):
+        common.require(self.k >= 2, "k must be at least 2 (a ranking needs two completions)")
+        common.require(self.n_prompts >= 2, "n_prompts must be at least 2")
+        common.require(0 < self.test_fraction < 1, "test_fraction must be in (0, 1)")
+        common.require(self.labeler_temperature >= 0, "labeler_temperature must be >= 0")
+        common.require(self.sample_temperature > 0, "sample_temperature must be positive")
+
+
+FAST = dict(n_prompts=120, k=4)
+
+
+# ---------------------------------------------------------------------------
+# The simulated labeler
+
+def plackett_luce_ranking(scores, temperature, rng):
+    """Indices of `scores` ordered best -> worst, sampled from Plackett-Luce(scores / τ).
+
+    Gumbel trick: argsort of s_i/τ + G_i with G_i ~ Gumbel(0, 1) is a Plackett-Luce sample.
+    τ = 0 sorts by score exactly (ties keep their original order).
+    """
+    if temperature == 0:
+        keys = list(scores)
+    else:
+        keys = [s / temperature - torch.log(-torch.log(torch.rand((), generator=rng))).item() for s in scores]
+    return sorted(range(len(scores)), key=lambda i: -keys[i])
+
+
+def pairs_of_ranking(prompt, ranked):
+    """All C(K,2) (chosen, rejected) pairs of one ranking, chosen ranked higher."""
+    return [{"prompt": prompt, "chosen": ranked[i], "rejected": ranked[j]}
+            for i, j in itertools.combinations(range(len(ranked)), 2)]
+
+
+def label_agreement(rankings_with_gold):
+    """Share of labeled pairs (with different gold scores) ordered as the gold judge orders them."""
+    agree, total = 0, 0
+    for golds in rankings_with_gold:                  # gold scores in the labeler's order
+        for i, j in itertools.combinations(range(len(golds)), 2):
+            if golds[i] != golds[j]:
+                agree += golds[i] > golds[j]
+                total += 1
+    return agree / total if total else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# Collection
+
+def collect(config, sft_dir, out_dir, device="cpu", overwrite=False, progress=True):
+    """Sample, label and write the preference datasets; return the summary dict."""
+    config.validate()
+    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite)
+    tokenizer = load_tokenizer()
+    policy = load_gpt(sft_dir, device, tokenizer)
+    gold_fn = get_task(config.task).gold_reward
+    prompts = [r["prompt"] for r in read_jsonl(config.prompts, "prompts")][:config.n_prompts]
+    common.require(len(prompts) >= 2, f"{config.prompts} holds fewer than 2 prompts")
+    random.Random(config.seed).shuffle(prompts)
+    n_test = max(1, round(len(prompts) * config.test_fraction))
+    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "sft": str(sft_dir),
+                                                "stage": "collect"})
+
+    generator = torch.Generator().manual_seed(config.seed)
+    labeler_rng = torch.Generator().manual_seed(config.seed + 1)
+    per_batch = max(1, config.batch_size // config.k)
+    rankings, ordered_golds, all_golds = [], [], []
+    for start in tqdm(range(0, len(prompts), per_batch), desc="collect", disable=not progress):
+        batch = prompts[start:start + per_batch]
+        repeated = [p for p in batch for _ in range(config.k)]     # K samples per prompt, adjacent
+        _, completions = generate(policy, tokenizer, repeated, max_new_tokens=config.max_new_tokens,
+                                  max_prompt_tokens=config.max_prompt_tokens,
+                                  temperature=config.sample_temperature, generator=generator)
+        golds = gold_fn([p + c for p, c in zip(repeated, completions)])
+        for i, prompt in enumerate(batch):
+            group = completions[i * config.k:(i + 1) * config.k]
+            group_gold = golds[i * config.k:(i + 1) * config.k]
+            order = plackett_luce_ranking(group_gold, config.labeler_temperature, labeler_rng)
+            rankings.append({"prompt": prompt, "completions": [group[j] for j in order]})
+            ordered_golds.append([group_gold[j] for j in order])
+            all_golds.extend(group_gold)
+
+    test, train = rankings[:n_test], rankings[n_test:]
+    for name, records in (("rankings", train), ("rankings_test", test)):
+        write_jsonl(out_dir / f"{name}.jsonl", records)
+        write_jsonl(out_dir / f"{name.replace('rankings', 'pairs')}.jsonl",
+                    [pair for r in records for pair in pairs_of_ranking(r["prompt"], r["completions"])])
+    summary = {
+        "labels/agreement": label_agreement(ordered_golds[n_test:]),
+        "labels/agreement_test": label_agreement(ordered_golds[:n_test]),
+        "labels/mean_gold": statistics.mean(all_golds),
+        "labels/train_rankings": len(train),
+        "labels/test_rankings": len(test),
+        "labels/train_pairs": len(train) * config.k * (config.k - 1) // 2,
+        "labels/identical_completions": sum(len(set(r["completions"])) < config.k for r in rankings) / len(rankings),
+    }
+    common.write_json(out_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,160 @@
+"""JSONL datasets: reading with validation, tokenizing, padding and masks.
+
+Formats (the same field names as the wider ecosystem):
+
+    demonstrations  {"prompt": str, "completion": str}
+    pairs           {"prompt": str, "chosen": str, "rejected": str}
+    rankings        {"prompt": str, "completions": [str, ...]}   best -> worst
+    prompts         {"prompt": str}
+
+Every sequence the models see is `prompt tokens + completion tokens + <|endoftext|>`.
+Training batches are right-padded; prompts for generation are left-padded. Either way an
+`attention_mask` (B, T) marks real tokens and the model derives position ids from it.
+
+Long inputs (documented truncation): a prompt longer than `max_prompt_tokens` is an error;
+a completion that does not fit in the context is cut on the right, losing its EOS.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+FORMATS = {
+    "demonstrations": {"prompt": str, "completion": str},
+    "pairs": {"prompt": str, "chosen": str, "rejected": str},
+    "rankings": {"prompt": str, "completions": list},
+    "prompts": {"prompt": str},
+}
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+class DataError(ValueError):
+    """A malformed dataset: the message names the file and the line."""
+
+
+# ---------------------------------------------------------------------------
+# Reading and writing JSONL
+
+def read_jsonl(path, kind):
+    """Read and validate a JSONL file of the given `kind` (a key of FORMATS)."""
+    path = Path(path)
+    fields = FORMATS[kind]
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object with fields {sorted(fields)}")
+            for name, kind_of in fields.items():
+                if name not in record:
+                    raise DataError(f"{where}: missing field {name!r} ({kind} need {sorted(fields)})")
+                if not isinstance(record[name], kind_of):
+                    raise DataError(f"{where}: field {name!r} must be {kind_of.__name__}, "
+                                    f"got {type(record[name]).__name__}")
+            if kind == "rankings":
+                ranked = record["completions"]
+                if len(ranked) < 2 or not all(isinstance(c, str) for c in ranked):
+                    raise DataError(f"{where}: 'completions' must be a list of at least 2 strings")
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: the file holds no records")
+    return records
+
+
+def write_jsonl(path, records):
+    """Write records one per line, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    tmp.replace(path)
+
+
+def default_path(split):
+    """The path of a split shipped in data/ (e.g. 'sft_train')."""
+    return DATA_DIR / f"{split}.jsonl"
+
+
+# ---------------------------------------------------------------------------
+# Tokenizing
+
+def encode_prompt(tokenizer, prompt, max_prompt_tokens):
+    """Token ids of a prompt; a prompt longer than `max_prompt_tokens` is refused."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise DataError("empty prompt")
+    if len(ids) > max_prompt_tokens:
+        raise DataError(f"prompt of {len(ids)} tokens is longer than max_prompt_tokens="
+                        f"{max_prompt_tokens}: {prompt[:60]!r}")
+    return ids
+
+
+def encode_example(tokenizer, prompt, completion, block_size, max_prompt_tokens):
+    """(ids, n_prompt): prompt + completion + EOS, completion cut to fit `block_size`."""
+    prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_tokens)
+    completion_ids = tokenizer.encode(completion) + [tokenizer.eot_token]
+    ids = (prompt_ids + completion_ids)[:block_size]
+    return ids, len(prompt_ids)
+
+
+# ---------------------------------------------------------------------------
+# Padding and masks
+
+def pad_right(sequences, pad_id):
+    """(tokens, attention_mask), each (B, T): sequences followed by padding."""
+    width = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        tokens[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return tokens, mask
+
+
+def pad_left(sequences, pad_id):
+    """(tokens, attention_mask), each (B, T): padding followed by sequences (for generation)."""
+    width = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        tokens[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return tokens, mask
+
+
+def completion_batch(examples, pad_id):
+    """Right-padded batch of (ids, n_prompt) examples.
+
+    Returns tokens (B, T), attention_mask (B, T) and response_mask (B, T), the latter 1 on
+    completion tokens (EOS included) and 0 on the prompt and on padding.
+    """
+    tokens, attention_mask = pad_right([ids for ids, _ in examples], pad_id)
+    response_mask = attention_mask.clone()
+    for i, (_, n_prompt) in enumerate(examples):
+        response_mask[i, :n_prompt] = 0
+    return tokens, attention_mask, response_mask
+
+
+def shift_for_loss(tokens, attention_mask, response_mask):
+    """Align a batch for next-token prediction.
+
+    Position t predicts token t+1, so the model reads tokens[:, :-1] and is scored on
+    tokens[:, 1:]; the loss mask is the response mask of the targets. Returns
+    (inputs (B, T-1), input_mask (B, T-1), targets (B, T-1), loss_mask (B, T-1)).
+    """
+    return tokens[:, :-1], attention_mask[:, :-1], tokens[:, 1:], response_mask[:, 1:]
+
+
+def batches(n, batch_size, generator=None, shuffle=True):
+    """Index lists covering range(n) in (shuffled) batches; the last one may be smaller."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]

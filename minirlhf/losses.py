@@ -1,0 +1,446 @@
+"""Every loss and estimator of the RLHF pipeline, as pure functions of tensors.
+
+Nothing here calls a model: the training loops in sft.py, reward.py, ppo.py and dpo.py
+compute log-probabilities, rewards and values, and hand them to these functions. Every
+loss returns ``(loss, metrics)``: a scalar tensor and a dict of python floats, named as
+in docs/metrics.md. Shapes use B (batch), T (tokens), V (vocabulary), K (responses per
+prompt). Masks may be 0/1 float or bool; a response mask marks one contiguous run of
+response tokens per row (after the prompt, before the right padding).
+
+Papers:
+  InstructGPT reward model and PPO-ptx: Ouyang et al. 2022, "Training language models
+    to follow instructions with human feedback".
+  KL-penalised reward, adaptive KL coefficient: Ziegler et al. 2019, "Fine-tuning
+    language models from human preferences".
+  GAE: Schulman et al. 2016, "High-dimensional continuous control using generalized
+    advantage estimation". PPO: Schulman et al. 2017, "Proximal policy optimization".
+  KL estimators k1, k2, k3: Schulman 2020, "Approximating KL divergence" (blog note).
+  DPO: Rafailov et al. 2023. IPO: Azar et al. 2023, "A general theoretical paradigm to
+    understand learning from human preferences". Robust DPO: Chowdhury et al. 2024,
+    "Provably robust DPO". Conservative DPO (cDPO): Mitchell 2023, "A note on DPO with
+    noisy preferences".
+
+Deliberate simplifications:
+  - masked_mean of an empty mask is 0 (not NaN); values off the mask never leak in,
+    even inf or NaN, because they are selected away rather than multiplied by 0.
+  - masked_whiten uses the population variance (divide by N, not N − 1) over all masked
+    entries of the batch, and returns 0 off the mask.
+  - GAE assumes every episode ends at its last response token (bootstrap value 0): no
+    truncated episodes, no value at the end of the sequence.
+  - The KL penalty is per token, the score is given once at the last response token
+    (Ziegler et al. 2019); no reward clipping or normalisation happens here.
+  - policy/approx_kl is the k3 estimate on samples of the old policy, so it estimates
+    KL(π_old ‖ π_θ), the direction PPO's trust region is about.
+  - DPO takes summed sequence log-probs; averaging over tokens is the caller's choice.
+  - Metrics are batch means on one process; nothing is all-reduced.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+
+
+# ---------------------------------------------------------------------------------------
+# Masked reductions: padding and prompt tokens must never count.
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of ``x`` over the entries where ``mask`` is 1: ``sum(x·mask) / sum(mask)``.
+
+    x: any shape, e.g. (B, T); mask: same shape, 0/1 float or bool. With ``dim=None``
+    the mean is over all entries (a scalar), with ``dim=1`` it is one mean per row (B,).
+    An empty mask (or empty row) gives 0 rather than NaN. Off-mask entries are selected
+    away with torch.where, so even inf or NaN in padding cannot turn into 0·inf = NaN.
+    """
+    mask = mask.to(x.dtype)
+    total = torch.where(mask > 0, x * mask, torch.zeros_like(x)).sum(dim)
+    # 0 / tiny = 0 for an empty mask; tiny is representable in every float dtype.
+    return total / mask.sum(dim).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """Standardise ``x`` to mean 0 and std 1 over the masked entries of the whole batch.
+
+    x, mask: (B, T). Uses the population variance (divide by N). With
+    ``shift_mean=False`` the mean is added back, so only the scale changes (used for
+    rewards, whose sign carries meaning). Returns a tensor like x, 0 off the mask.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.to(x.dtype) > 0, whitened, torch.zeros_like(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Token log-probabilities and supervised fine-tuning.
+
+
+def token_logprobs(logits, targets):
+    """Log-probability of each target token: ``log_softmax(logits)[b, t, targets[b, t]]``.
+
+    logits: (B, T, V), already aligned so that logits[:, t] predicts targets[:, t];
+    targets: (B, T) token ids (every entry must be a valid id, padding included).
+    Returns (B, T).
+
+    Hint: log p(y) = logit_y − logsumexp(logits). Never take log(softmax(...)).
+    """
+    ### BEGIN SOLUTION
+    # Same as log_softmax(logits).gather(...), without a second (B, T, V) tensor.
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return picked - torch.logsumexp(logits, dim=-1)  # (B, T)
+    ### END SOLUTION
+
+
+def sft_loss(logits, targets, mask):
+    """Mean negative log-likelihood of ``targets`` over all positions where mask is 1.
+
+    logits: (B, T, V); targets: (B, T); mask: (B, T), 1 on completion tokens. One
+    token-level mean for the whole batch, so long completions weigh more than short ones.
+    Metrics: loss/sft, sft/tokens (number of tokens in the mean).
+
+    Hint: token_logprobs, then masked_mean of its negation.
+    """
+    ### BEGIN SOLUTION
+    loss = masked_mean(-token_logprobs(logits, targets), mask)
+    metrics = {"loss/sft": loss.item(), "sft/tokens": float(mask.to(logits.dtype).sum())}
+    return loss, metrics
+    ### END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------
+# Reward modelling: Bradley-Terry on pairs, the InstructGPT loss on K-wise rankings.
+
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards):
+    """Pairwise reward-model loss: mean over the batch of ``−log σ(r_c − r_r)``.
+
+    chosen_rewards, rejected_rewards: (B,). Under the Bradley-Terry model
+    P(chosen ≻ rejected) = σ(r_c − r_r); this is its negative log-likelihood.
+    Metrics: loss/rm, accuracy (fraction with r_c > r_r strictly; ties count as wrong),
+    rewards/chosen, rewards/rejected, rewards/margins (batch means).
+
+    Hint: F.logsigmoid is finite for any margin; log(sigmoid(x)) is −inf for x ≪ 0.
+    """
+    ### BEGIN SOLUTION
+    margins = chosen_rewards - rejected_rewards  # (B,)
+    loss = -F.logsigmoid(margins).mean()
+    metrics = {
+        "loss/rm": loss.item(),
+        "accuracy": (margins > 0).float().mean().item(),
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/margins": margins.mean().item(),
+    }
+    return loss, metrics
+    ### END SOLUTION
+
+
+def ranking_loss(rewards):
+    """K-wise ranking loss of InstructGPT (Ouyang et al. 2022, eq. 1).
+
+    rewards: (B, K), each row the rewards of K responses to one prompt, ordered best →
+    worst. Loss: mean over rows of ``1/C(K,2) · Σ_{i<j} −log σ(r_i − r_j)``: all C(K,2)
+    pairs of a prompt in one batch element, so the prompt's pairs are not over-fitted.
+    Metrics: loss/rm, accuracy (fraction of the C(K,2) pairs ordered correctly).
+
+    Hint: torch.triu_indices(K, K, offset=1) lists the pairs i < j.
+    """
+    K = rewards.shape[1]
+    if K < 2:
+        raise ValueError(f"ranking_loss needs K >= 2 responses per prompt, got K={K}")
+    ### BEGIN SOLUTION
+    better, worse = torch.triu_indices(K, K, offset=1, device=rewards.device)  # (P,) each
+    margins = rewards[:, better] - rewards[:, worse]  # (B, P), P = C(K, 2)
+    loss = -F.logsigmoid(margins).mean()
+    metrics = {"loss/rm": loss.item(), "accuracy": (margins > 0).float().mean().item()}
+    return loss, metrics
+    ### END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------
+# KL to the reference policy, estimated from samples of the policy.
+
+
+def _k3_stable(d):
+    """``exp(−d) − 1 + d`` without cancellation for tiny |d|.
+
+    expm1(−d) + d cancels: in float32 it is about 40 % wrong at d = 1e-7. For |d| < 0.5 use the
+    Taylor series Σ_{n=2}^{10} (−d)^n / n! (truncation < 1e-10 relative).
+    """
+    x = -d.clamp(-0.5, 0.5)  # clamped so the unused branch has finite values and grads
+    series = torch.zeros_like(d)
+    for n in range(10, 1, -1):  # Horner's rule for Σ_{n=2}^{10} x^(n−2) / n!
+        series = series * x + 1.0 / math.factorial(n)
+    return torch.where(d.abs() < 0.5, series * x * x, torch.expm1(-d) + d)
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π.
+
+    logprobs, ref_logprobs: (B, T), log π and log π_ref of the sampled tokens. With
+    ``d = logprobs − ref_logprobs`` (Schulman 2020, "Approximating KL divergence"):
+      k1 = d                  unbiased, high variance, can be negative;
+      k2 = d² / 2             biased, low variance, ≥ 0;
+      k3 = exp(−d) − 1 + d    unbiased, low variance, ≥ 0.
+    Returns (B, T). Raises ValueError for an unknown estimator.
+
+    Hint: k3 = r − 1 − log r with r = π_ref/π; use _k3_stable(d) for it.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {KL_ESTIMATORS}")
+    ### BEGIN SOLUTION
+    d = logprobs - ref_logprobs  # (B, T)
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    return _k3_stable(d)
+    ### END SOLUTION
+
+
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1"):
+    """Per-token PPO rewards: a KL penalty on every response token, the score at the end.
+
+    scores: (B,) reward-model scores of whole responses; logprobs, ref_logprobs,
+    mask: (B, T). Returns (B, T): ``−kl_coef · kl_penalty`` on masked positions, 0
+    elsewhere, plus ``scores`` at the last masked position of each row (Ziegler et al.
+    2019: R(x, y) = r(x, y) − β·log(π/π_ref)). A row with an empty mask is all 0.
+
+    Hint: (mask · [1..T]).argmax(1) finds each row's last masked position.
+    """
+    ### BEGIN SOLUTION
+    mask = mask.to(logprobs.dtype)
+    T = mask.shape[1]
+    kl = kl_penalty(logprobs, ref_logprobs, estimator)  # (B, T)
+    rewards = torch.where(mask > 0, -kl_coef * kl, torch.zeros_like(kl))  # (B, T)
+    positions = torch.arange(1, T + 1, device=mask.device)  # (T,), from 1 so 0 = unmasked
+    last = (mask * positions).argmax(dim=1)  # (B,)
+    # Times mask: an empty row has argmax 0 at an unmasked position, so gets no score.
+    last_token = F.one_hot(last, T).to(mask.dtype) * mask  # (B, T)
+    return rewards + scores[:, None] * last_token  # (B, 1) broadcast over T
+    ### END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------
+# Generalised advantage estimation over each row's response run.
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Advantages and returns by GAE (Schulman et al. 2016).
+
+    rewards, values, mask: (B, T); the mask marks one contiguous run of response tokens
+    per row. With the TD error δ_t = r_t + γ·V_{t+1} − V_t,
+      A_t = Σ_l (γλ)^l δ_{t+l}, computed backwards as A_t = δ_t + γλ·A_{t+1},
+    and returns R_t = A_t + V_t (the value targets). The episode ends after the last
+    masked position: V there is 0 and nothing after it flows back. Returns
+    (advantages, returns), each (B, T) and 0 outside the mask. gae_reference below is
+    the same computation, one row and one step at a time.
+
+    Hint: zero values and rewards off the mask, then loop t = T−1 … 0 over tensors of
+    shape (B,), multiplying the running advantage by mask[:, t] to restart it.
+    """
+    ### BEGIN SOLUTION
+    mask = mask.to(values.dtype)
+    zeros = torch.zeros_like(values)
+    # Off the run V is 0, so the step after the run's end bootstraps from 0.
+    values = torch.where(mask > 0, values, zeros)  # (B, T)
+    rewards = torch.where(mask > 0, rewards, zeros)  # (B, T)
+    T = values.shape[1]
+    advantage = zeros[:, 0]  # (B,), A_{t+1}
+    advantages = [None] * T
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else zeros[:, 0]  # (B,)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
+        advantage = (delta + gamma * lam * advantage) * mask[:, t]  # (B,)
+        advantages[t] = advantage
+    advantages = torch.stack(advantages, dim=1)  # (B, T)
+    return advantages, advantages + values
+    ### END SOLUTION
+
+
+def gae_reference(rewards, values, mask, gamma=1.0, lam=0.95):
+    """The same as gae, written naively: python floats, one row and one step at a time."""
+    B, T = values.shape
+    advantages = torch.zeros(B, T, dtype=values.dtype)
+    returns = torch.zeros(B, T, dtype=values.dtype)
+    for b in range(B):
+        steps = [t for t in range(T) if mask[b, t]]
+        advantage = 0.0
+        for k in reversed(range(len(steps))):
+            t = steps[k]
+            value = float(values[b, t])
+            next_value = float(values[b, steps[k + 1]]) if k + 1 < len(steps) else 0.0
+            delta = float(rewards[b, t]) + gamma * next_value - value
+            advantage = delta + gamma * lam * advantage
+            advantages[b, t] = advantage
+            returns[b, t] = advantage + value
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------
+# PPO: the clipped surrogate for the policy, the clipped squared error for the value.
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
+    """Clipped surrogate loss of PPO (Schulman et al. 2017, eq. 7, negated).
+
+    logprobs: (B, T) under the current policy; old_logprobs: (B, T) under the policy
+    that sampled; advantages, mask: (B, T). With ρ = exp(logprobs − old_logprobs):
+      loss = masked_mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))).
+    The max is the pessimistic bound: once ρ leaves [1−ε, 1+ε] in the direction the
+    advantage pushes it, the gradient is 0.
+    Metrics: loss/policy; policy/clipfrac (fraction of tokens where the clipped term is
+    the max); policy/approx_kl = masked_mean((ρ − 1) − log ρ), the k3 estimate of
+    KL(π_old ‖ π_θ) on the sampled tokens; policy/ratio_mean.
+
+    Hint: torch.maximum of the two terms; metrics under torch.no_grad().
+    """
+    ### BEGIN SOLUTION
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    unclipped = -advantages * ratio  # (B, T)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, T)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        metrics = {
+            "loss/policy": loss.item(),
+            "policy/clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
+            "policy/approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
+            "policy/ratio_mean": masked_mean(ratio, mask).item(),
+        }
+    return loss, metrics
+    ### END SOLUTION
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_eps=0.2):
+    """Clipped value loss: ``0.5 · masked_mean(max((v − R)², (v_clip − R)²))``.
+
+    values: (B, T) under the current value head; old_values: (B, T) at sampling time;
+    returns: (B, T) targets from gae; mask: (B, T). v_clip = old + clip(v − old, −ε, ε)
+    keeps the value head near where it was, like the policy's ratio clip (the PPO
+    implementation used by Ziegler et al. 2019 and InstructGPT).
+    Metrics: loss/value, val/clipfrac (fraction of tokens where the clipped term is
+    the max), val/mean (mean predicted value).
+
+    Hint: the same max-of-two-terms shape as ppo_policy_loss.
+    """
+    ### BEGIN SOLUTION
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)  # (B, T)
+    unclipped = (values - returns) ** 2  # (B, T)
+    clipped = (values_clipped - returns) ** 2  # (B, T)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        metrics = {
+            "loss/value": loss.item(),
+            "val/clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask).item(),
+            "val/mean": masked_mean(values, mask).item(),
+        }
+    return loss, metrics
+    ### END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------
+# DPO and its variants: the policy is its own reward model.
+
+
+def dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta=0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+):
+    """Direct preference optimisation and its variants; mean over the batch.
+
+    All four log-prob arguments: (B,), summed over each response's tokens. With
+    h = (π_c − ref_c) − (π_r − ref_r) and ε = label_smoothing:
+      sigmoid  −(1−ε)·log σ(βh) − ε·log σ(−βh)           DPO eq. 7 (Rafailov et al.
+               2023); ε > 0 is cDPO (Mitchell 2023): labels flipped with probability ε;
+      robust   (−(1−ε)·log σ(βh) + ε·log σ(−βh)) / (1−2ε)  unbiased under flip noise ε
+               (Chowdhury et al. 2024);
+      hinge    relu(1 − βh)                               (SLiC-style);
+      ipo      (h − 1/(2β))²                              (Azar et al. 2023).
+    label_smoothing applies to sigmoid and robust only. Metrics: loss/dpo and, with the
+    implicit reward β·(π − ref), rewards/chosen, rewards/rejected,
+    rewards/margins, rewards/accuracies (fraction with chosen reward > rejected).
+    Raises ValueError for beta ≤ 0, ε outside [0, 0.5) or an unknown loss_type.
+
+    Hint: compute h once, then one line per loss type; use F.logsigmoid.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {DPO_LOSS_TYPES}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing > 0 and loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"label_smoothing applies to sigmoid and robust, not {loss_type!r}")
+    ### BEGIN SOLUTION
+    eps = label_smoothing
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
+    h = chosen_logratios - rejected_logratios  # (B,)
+    agree, disagree = F.logsigmoid(beta * h), F.logsigmoid(-beta * h)  # (B,) each
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * agree - eps * disagree
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * agree + eps * disagree) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:  # ipo: regress h onto 1/(2β) instead of pushing it to infinity
+        losses = (h - 1 / (2 * beta)) ** 2
+    loss = losses.mean()
+    with torch.no_grad():
+        chosen_rewards = beta * chosen_logratios  # (B,)
+        rejected_rewards = beta * rejected_logratios  # (B,)
+        metrics = {
+            "loss/dpo": loss.item(),
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        }
+    return loss, metrics
+    ### END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------
+# Adaptive KL coefficient.
+
+
+class AdaptiveKLController:
+    """Adapts the KL coefficient β towards a target KL (Ziegler et al. 2019).
+
+    init_kl_coef: starting β; target: the KL (nats per response) to aim for; horizon:
+    a number of samples; at the ±20 % cap β changes by about e^±0.2 every horizon samples.
+    """
+
+    def __init__(self, init_kl_coef, target, horizon):
+        if not (target > 0 and horizon > 0):
+            raise ValueError(f"target and horizon must be > 0, got {target}, {horizon}")
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl, n_steps):
+        """Move β after ``n_steps`` samples whose mean KL was ``current_kl``.
+
+        e = clip(current_kl / target − 1, −0.2, 0.2);  β ← β · (1 + e · n_steps / horizon).
+        KL above target raises β (a stronger pull to the reference), below lowers it.
+        Returns the new β.
+
+        Hint: min/max on python floats; the clip keeps one noisy batch from swinging β.
+        """
+        ### BEGIN SOLUTION
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+        ### END SOLUTION
