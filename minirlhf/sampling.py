@@ -60,3 +60,9 @@ def sequence_logprobs(model, tokens, attention_mask, response_mask, temperature=
     """Summed log-prob (B,) of each row's response tokens: log π(y | x)."""
     logps = response_logprobs(model, tokens, attention_mask, temperature)  # (B, T-1)
     return (logps * response_mask[:, 1:].to(logps.dtype)).sum(-1)
+
+
+def trim_padding(tokens, attention_mask, *others):
+    """Drop trailing columns where every row is padding (generation pads to a fixed width)."""
+    width = int(attention_mask.sum(0).nonzero().max()) + 1
+    return (tokens[:, :width], attention_mask[:, :width], *(t[:, :width] for t in others))
