@@ -21,30 +21,40 @@ def model_config(run_dir):
     config = read_json(Path(run_dir) / "config.json")
     if "model" not in config:
         raise ConfigError(f"{run_dir}/config.json has no 'model' entry: is this a minirlhf run folder?")
-    return GPTConfig(**config["model"])
+    try:
+        return GPTConfig(**config["model"])
+    except TypeError as e:
+        raise ConfigError(f"{run_dir}/config.json: its 'model' entry is not a GPTConfig ({e})") from None
 
 
 def _load_into(model, run_dir):
     state = load_torch(Path(run_dir) / "model.pt")
+    if not isinstance(state, dict):
+        raise ConfigError(f"{run_dir}/model.pt holds a {type(state).__name__}, not a state_dict")
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise ConfigError(f"{run_dir}/model.pt does not match its config.json ({str(e).splitlines()[0]})") from None
     return model
 
 
-def load_gpt(run_dir, device="cpu", tokenizer=None):
-    """The GPT saved in `run_dir` (an SFT, PPO or DPO folder), in eval mode."""
+def _checked_config(run_dir, tokenizer):
+    """The run's GPTConfig; with a tokenizer, a vocabulary mismatch is refused before loading."""
     config = model_config(run_dir)
     if tokenizer is not None and tokenizer.n_vocab != config.vocab_size:
         raise ConfigError(f"{run_dir}: the model's vocabulary ({config.vocab_size}) does not match the "
                           f"tokenizer's ({tokenizer.n_vocab}); was data/ retrained after this model?")
-    return _load_into(GPT(config), run_dir).to(device).eval()
+    return config
 
 
-def load_scalar_model(run_dir, device="cpu"):
+def load_gpt(run_dir, device="cpu", tokenizer=None):
+    """The GPT saved in `run_dir` (an SFT, PPO or DPO folder), in eval mode."""
+    return _load_into(GPT(_checked_config(run_dir, tokenizer)), run_dir).to(device).eval()
+
+
+def load_scalar_model(run_dir, device="cpu", tokenizer=None):
     """The ScalarHeadModel (reward or value model) saved in `run_dir`, in eval mode."""
-    return _load_into(ScalarHeadModel(model_config(run_dir)), run_dir).to(device).eval()
+    return _load_into(ScalarHeadModel(_checked_config(run_dir, tokenizer)), run_dir).to(device).eval()
 
 
 def gpt_config_dict(config):

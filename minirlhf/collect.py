@@ -53,6 +53,9 @@ class CollectConfig:
         common.require(0 < self.test_fraction < 1, "test_fraction must be in (0, 1)")
         common.require(self.labeler_temperature >= 0, "labeler_temperature must be >= 0")
         common.require(self.sample_temperature > 0, "sample_temperature must be positive")
+        common.require(self.max_prompt_tokens > 0 and self.max_new_tokens > 0,
+                       "max_prompt_tokens and max_new_tokens must be positive")
+        common.require(self.batch_size > 0, "batch_size must be positive")
 
 
 FAST = dict(n_prompts=120, k=4)
@@ -97,12 +100,14 @@ def label_agreement(rankings_with_gold):
 def collect(config, sft_dir, out_dir, device="cpu", overwrite=False, progress=True):
     """Sample, label and write the preference datasets; return the summary dict."""
     config.validate()
-    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite)
     tokenizer = load_tokenizer()
     policy = load_gpt(sft_dir, device, tokenizer)
+    common.check_generation_fits(config, policy.config.block_size)
     gold_fn = get_task(config.task).gold_reward
-    prompts = [r["prompt"] for r in read_jsonl(config.prompts, "prompts")][:config.n_prompts]
+    prompts = [r["prompt"] for r in read_jsonl(config.prompts, "prompts", tokenizer,
+                                               config.max_prompt_tokens)][:config.n_prompts]
     common.require(len(prompts) >= 2, f"{config.prompts} holds fewer than 2 prompts")
+    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite)
     random.Random(config.seed).shuffle(prompts)
     n_test = max(1, round(len(prompts) * config.test_fraction))
     common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "sft": str(sft_dir),

@@ -13,7 +13,9 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
+import signal
 import typing
 from pathlib import Path
 
@@ -77,6 +79,13 @@ def require(condition, message):
         raise ConfigError(message)
 
 
+def check_generation_fits(config, block_size):
+    """Refuse a config whose longest prompt plus completion would not fit the model's context."""
+    require(config.max_prompt_tokens + config.max_new_tokens <= block_size,
+            f"max_prompt_tokens + max_new_tokens ({config.max_prompt_tokens} + {config.max_new_tokens}) "
+            f"exceeds the model's block_size ({block_size}): lower one of them with --set")
+
+
 def config_dict(config):
     return dataclasses.asdict(config)
 
@@ -118,6 +127,9 @@ def prepare_run_dir(out_dir, overwrite=False, resume=False):
     if (out_dir / "summary.json").exists() and not (overwrite or resume):
         raise ConfigError(f"{out_dir} already holds a finished run; pass --overwrite to replace it "
                           "or choose another --out")
+    if (out_dir / "checkpoint.pt").exists() and not (overwrite or resume):
+        raise ConfigError(f"{out_dir} holds an interrupted run; pass --resume to continue it, --overwrite "
+                          "to start again, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
         for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
@@ -163,8 +175,18 @@ def load_torch(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
-                          "it may be truncated or not a minirlhf file") from None
+        raise ConfigError(f"{path} is not a readable checkpoint: {_load_problem(e)}") from None
+
+
+def _load_problem(error):
+    """One line on why torch.load failed (its own messages run over several lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, pickle.UnpicklingError):      # weights_only=True refused an object
+        refused = next((line for line in lines if "GLOBAL" in line or "global" in line), "")
+        return ("it holds objects other than tensors and plain containers, which minirlhf never loads "
+                f"(weights_only=True){': ' + refused.rstrip('.') if refused else ''}")
+    first = lines[0].split(". ")[0] if lines else ""
+    return f"truncated or corrupted ({type(error).__name__}{': ' + first[:160] if first else ''})"
 
 
 # ---------------------------------------------------------------------------
@@ -194,9 +216,16 @@ def check_finite(loss, step, out_dir=None):
     """Stop training with a message naming the step when the loss is NaN or inf."""
     value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
     if not math.isfinite(value):
-        kept = f"; the last good checkpoint in {out_dir} is kept" if out_dir else ""
-        raise NonFiniteLossError(f"loss is {value} at step {step}: training stopped{kept}. "
+        raise NonFiniteLossError(f"loss is {value} at step {step}: training stopped{_kept(out_dir)}. "
                                  "Try a lower learning rate or check the data.")
+
+
+def _kept(out_dir):
+    if out_dir is None:
+        return ""
+    if (Path(out_dir) / "checkpoint.pt").exists():
+        return f"; the last good checkpoint, {Path(out_dir) / 'checkpoint.pt'}, is kept (--resume continues from it)"
+    return "; no checkpoint had been saved yet"
 
 
 def plot_metrics(rows, keys, path, title, xkey="step"):
@@ -258,10 +287,10 @@ class Interrupted(Exception):
 
 class GracefulStop:
     """Turns SIGINT (Ctrl-C) and SIGTERM (kill) into a flag the training loop checks after each
-    step, so a checkpoint is only ever written between two whole optimiser steps."""
+    step, so a checkpoint is only ever written between two whole optimiser steps. A second
+    Ctrl-C stops at once, keeping the last periodic checkpoint."""
 
     def __enter__(self):
-        import signal
         self.requested = False
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -272,10 +301,11 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:   # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc):
-        import signal
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
@@ -284,7 +314,12 @@ class GracefulStop:
 def save_checkpoint(out_dir, step, modules, extra=None):
     """Atomically save everything needed to resume after `step` completed steps.
 
-    `modules` maps names to objects with state_dict() (models, optimizers)."""
+    `modules` maps names to objects with state_dict() (models, optimizers). Weights that
+    are no longer finite are never saved: the last good checkpoint stays."""
+    for name, module in modules.items():
+        if isinstance(module, torch.nn.Module) and not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise NonFiniteLossError(f"the {name}'s weights are NaN or inf after step {step}: training "
+                                     f"stopped{_kept(out_dir)}. Try a lower learning rate.")
     state = {"step": step, **{name: m.state_dict() for name, m in modules.items()}, **(extra or {})}
     save_torch(state, Path(out_dir) / "checkpoint.pt")
 
@@ -296,7 +331,13 @@ def resume_training(out_dir, modules):
         raise ConfigError(f"--resume: no checkpoint in {out_dir} (nothing to resume, or the run finished)")
     state = load_torch(path)
     for name, module in modules.items():
-        module.load_state_dict(state[name])
+        if not isinstance(state, dict) or name not in state:
+            raise ConfigError(f"{path} has no {name!r}: it is not a checkpoint of this stage")
+        try:
+            module.load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path}: the saved {name} does not fit this run's config "
+                              f"({str(e).splitlines()[0][:160]}); resume with the same settings") from None
     rows = []
     log_path = Path(out_dir) / "metrics.jsonl"
     if log_path.exists():

@@ -35,18 +35,27 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------
 # Reading and writing JSONL
 
-def read_jsonl(path, kind):
-    """Read and validate a JSONL file of the given `kind` (a key of FORMATS)."""
+def read_jsonl(path, kind, tokenizer=None, max_prompt_tokens=None):
+    """Read and validate a JSONL file of the given `kind` (a key of FORMATS).
+
+    With a `tokenizer` and `max_prompt_tokens`, every prompt is also checked to fit
+    (`encode_prompt`), so a too-long prompt is refused up front with its line number."""
     path = Path(path)
     fields = FORMATS[kind]
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file (expected a {kind} JSONL file)")
     records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not UTF-8 text (is this a JSONL file?)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -63,6 +72,11 @@ def read_jsonl(path, kind):
                 ranked = record["completions"]
                 if len(ranked) < 2 or not all(isinstance(c, str) for c in ranked):
                     raise DataError(f"{where}: 'completions' must be a list of at least 2 strings")
+            if tokenizer is not None:
+                try:
+                    encode_prompt(tokenizer, record["prompt"], max_prompt_tokens)
+                except DataError as e:
+                    raise DataError(f"{where}: {e}") from None
             records.append(record)
     if not records:
         raise DataError(f"{path}: the file holds no records")

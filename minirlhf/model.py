@@ -91,9 +91,11 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor
     q (B, nh, Tq, hs); k, v (B, nh, Tk, hs); mask (B, 1, Tq, Tk) bool. Returns
     (B, nh, Tq, hs). The naive reference beside `F.scaled_dot_product_attention`.
     """
+    ### BEGIN SOLUTION
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
     scores = scores.masked_fill(~mask, float("-inf"))  # (B, nh, Tq, Tk), mask broadcast over heads
     return scores.softmax(dim=-1) @ v  # (B, nh, Tq, hs)
+    ### END SOLUTION
 
 
 # ---------------------------------------------------------------------------

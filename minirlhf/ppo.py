@@ -48,11 +48,11 @@ class PPOConfig:
     ptx_data: str = str(default_path("sft_train"))           # demonstrations for PPO-ptx
     task: str = "reviews"           # whose gold judge is logged (and optimised with reward=gold)
     reward: str = "rm"              # "rm": the learned reward model; "gold": the gold judge (PPO-GT)
-    iterations: int = 80            # rollout + update rounds
+    iterations: int = 60            # rollout + update rounds
     rollout_batch: int = 64         # prompts sampled per iteration
     minibatch_size: int = 32        # sequences per gradient step
     ppo_epochs: int = 2             # passes over each rollout batch
-    lr: float = 3e-5                # policy learning rate (Adam)
+    lr: float = 3e-4                # policy learning rate (Adam); high for a big model, right for a tiny one
     value_lr: float = 1e-4          # critic learning rate
     kl_coef: float = 0.05           # β: the per-token KL penalty coefficient (initial value if adaptive)
     kl_estimator: str = "k1"        # per-token KL estimate in the reward: k1 (log-ratio) or k3
@@ -89,6 +89,17 @@ class PPOConfig:
         common.require(self.temperature > 0, "temperature must be positive (log-probs need a distribution)")
         common.require(self.ptx_coef >= 0, "ptx_coef must be >= 0")
         common.require(self.kl_target > 0 and self.kl_horizon > 0, "kl_target and kl_horizon must be positive")
+        common.require(self.iterations > 0 and self.ppo_epochs > 0, "iterations and ppo_epochs must be positive")
+        common.require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
+        common.require(self.vf_coef >= 0, "vf_coef must be >= 0")
+        common.require(self.ptx_batch > 0, "ptx_batch must be positive")
+        common.require(self.missing_eos_penalty >= 0, "missing_eos_penalty must be >= 0 (it is subtracted)")
+        common.require(self.grad_clip > 0, "grad_clip must be positive")
+        common.require(self.max_prompt_tokens > 0 and self.max_new_tokens > 0,
+                       "max_prompt_tokens and max_new_tokens must be positive")
+        common.require(self.eval_every > 0, "eval_every must be positive")
+        common.require(self.n_periodic_eval > 0 and self.n_eval_samples > 0,
+                       "n_periodic_eval and n_eval_samples must be positive")
 
 
 FAST = dict(iterations=8, rollout_batch=32, eval_every=4, n_periodic_eval=32, n_eval_samples=64)
@@ -147,8 +158,11 @@ def explained_variance(values, returns, mask):
 # ---------------------------------------------------------------------------
 # The PPO update
 
-def ppo_update(policy, critic, optimizers, batch, ptx_examples, pad_id, config, generator, step_offset):
-    """`ppo_epochs` passes of clipped policy and value updates over shuffled minibatches."""
+def ppo_update(policy, critic, optimizers, batch, ptx_examples, pad_id, config, generator, iteration,
+               out_dir=None):
+    """`ppo_epochs` passes of clipped policy and value updates over shuffled minibatches.
+
+    `iteration` (0-based) and `out_dir` only name where training stopped if a loss is NaN or inf."""
     n = batch["tokens"].size(0)
     shared = config.critic == "shared"
     logs = []
@@ -172,7 +186,7 @@ def ppo_update(policy, critic, optimizers, batch, ptx_examples, pad_id, config, 
                 ptx_loss, _ = sft_loss(policy(inputs, input_mask), targets, loss_mask)
                 loss = loss + config.ptx_coef * ptx_loss
                 ptx_metrics = {"loss/ptx": ptx_loss.item()}
-            common.check_finite(loss, step_offset + epoch)
+            common.check_finite(loss if shared else loss + vf_loss, iteration + 1, out_dir)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             (loss if shared else loss + vf_loss).backward()
@@ -204,33 +218,36 @@ def train_ppo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, over
     """Run PPO from the SFT model against the reward model (or gold); return the summary dict."""
     config.validate()
     common.require(config.reward == "gold" or rm_dir is not None, "--rm is needed unless --reward gold")
-    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
     tokenizer = load_tokenizer()
     policy = load_gpt(sft_dir, device, tokenizer)
+    common.check_generation_fits(config, policy.config.block_size)
     reference = load_gpt(sft_dir, device, tokenizer).requires_grad_(False)
-    reward_model = load_scalar_model(rm_dir, device).requires_grad_(False) if rm_dir else None
+    reward_model = load_scalar_model(rm_dir, device, tokenizer).requires_grad_(False) if rm_dir else None
     common.seed_everything(config.seed)
     if config.critic == "shared":
         critic = torch.nn.Linear(policy.config.n_embd, 1).to(device)
     elif reward_model is not None:   # InstructGPT: the value function starts from the reward model
-        critic = load_scalar_model(rm_dir, device)
+        critic = load_scalar_model(rm_dir, device, tokenizer)
     else:
         critic = ScalarHeadModel.from_gpt(policy).to(device).eval()
     optimizers = [torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5),
                   torch.optim.Adam(critic.parameters(), lr=config.value_lr, eps=1e-5)]
     gold_fn = get_task(config.task).gold_reward
-    prompts = [r["prompt"] for r in read_jsonl(config.prompts, "prompts")]
-    test_prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts")]
+    # Every prompt is checked now, not when a rollout first samples it.
+    prompts = [r["prompt"] for r in read_jsonl(config.prompts, "prompts", tokenizer, config.max_prompt_tokens)]
+    test_prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts", tokenizer,
+                                                    config.max_prompt_tokens)]
     lengths = types.SimpleNamespace(block_size=policy.config.block_size, max_prompt_tokens=config.max_prompt_tokens)
     ptx_examples = load_examples(config.ptx_data, tokenizer, lengths) if config.ptx_coef > 0 else None
     val_examples = load_examples(str(default_path("sft_val")), tokenizer, lengths)
-    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "model": dataclasses.asdict(policy.config),
-                                                "sft": str(sft_dir), "rm": str(rm_dir), "stage": "ppo"})
+    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
     kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
     modules = {"policy": policy, "critic": critic, "policy_opt": optimizers[0], "critic_opt": optimizers[1]}
     start, rows, state = common.resume_training(out_dir, modules) if resume else (0, [], None)
     if state is not None:
         kl_ctl.value = state["kl_coef"]
+    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "model": dataclasses.asdict(policy.config),
+                                                "sft": str(sft_dir), "rm": str(rm_dir), "stage": "ppo"})
     log = common.MetricsLog(out_dir / "metrics.jsonl", rows)
     reward_fn = make_reward_fn(config, reward_model, gold_fn, device)
 
@@ -251,7 +268,7 @@ def train_ppo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, over
                                       config, generator, kl_ctl.value)
             batch = {k: v.to(device) for k, v in batch.items()}
             update = ppo_update(policy, critic, optimizers, batch, ptx_examples, tokenizer.eot_token, config,
-                                generator, it)
+                                generator, it, out_dir)
             stats.update(update, kl_coef=kl_ctl.value, step=it + 1)
             stats["val/explained_variance"] = explained_variance(batch["values"], batch["returns"], batch["mask"])
             if config.adaptive_kl:

@@ -58,8 +58,21 @@ class SFTConfig:
         common.require(self.steps > 0, "steps must be positive")
         common.require(self.batch_size > 0, "batch_size must be positive")
         common.require(self.lr > 0, "lr must be positive")
+        common.require(min(self.n_layer, self.n_head, self.n_embd, self.block_size) > 0,
+                       "n_layer, n_head, n_embd and block_size must be positive")
         common.require(self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head")
-        common.require(self.max_prompt_tokens < self.block_size, "max_prompt_tokens must be below block_size")
+        common.require(0 <= self.dropout < 1, "dropout must be in [0, 1)")
+        common.require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        common.require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
+        common.require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        common.require(self.grad_clip > 0, "grad_clip must be positive")
+        common.require(self.eval_every > 0, "eval_every must be positive")
+        common.require(self.max_prompt_tokens > 0 and self.max_new_tokens > 0,
+                       "max_prompt_tokens and max_new_tokens must be positive")
+        common.require(self.max_prompt_tokens + self.max_new_tokens <= self.block_size,
+                       f"max_prompt_tokens + max_new_tokens ({self.max_prompt_tokens} + {self.max_new_tokens}) "
+                       f"must fit in block_size ({self.block_size})")
+        common.require(self.n_eval_samples > 0, "n_eval_samples must be positive")
 
 
 FAST = dict(steps=150, n_layer=2, n_embd=64, eval_every=50, n_eval_samples=64, warmup_steps=20, lr=3e-3)
@@ -71,7 +84,7 @@ FAST = dict(steps=150, n_layer=2, n_embd=64, eval_every=50, n_eval_samples=64, w
 def load_examples(path, tokenizer, config):
     """Tokenized (ids, n_prompt) demonstrations from a JSONL file."""
     return [encode_example(tokenizer, r["prompt"], r["completion"], config.block_size, config.max_prompt_tokens)
-            for r in read_jsonl(path, "demonstrations")]
+            for r in read_jsonl(path, "demonstrations", tokenizer, config.max_prompt_tokens)]
 
 
 @torch.no_grad()
@@ -95,21 +108,22 @@ def validation_loss(model, examples, pad_id, device, batch_size=256):
 def train_sft(config, out_dir, device="cpu", resume=False, overwrite=False, progress=True):
     """Train a GPT on demonstrations; write the run folder and return the summary dict."""
     config.validate()
-    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
     tokenizer = load_tokenizer()
     train = load_examples(config.data, tokenizer, config)
     val = load_examples(config.val_data, tokenizer, config)
-    test_prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts")][:config.n_eval_samples]
+    test_prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts", tokenizer,
+                                                    config.max_prompt_tokens)][:config.n_eval_samples]
+    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
 
     common.seed_everything(config.seed)
     model_config = GPTConfig(vocab_size=tokenizer.n_vocab, block_size=config.block_size, n_layer=config.n_layer,
                              n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
     model = GPT(model_config).to(device)
     optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
-    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "model": dataclasses.asdict(model_config),
-                                                "stage": "sft"})
     modules = {"model": model, "optimizer": optimizer}
     start_step, rows, _ = common.resume_training(out_dir, modules) if resume else (0, [], None)
+    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "model": dataclasses.asdict(model_config),
+                                                "stage": "sft"})
     log = common.MetricsLog(out_dir / "metrics.jsonl", rows)
 
     pad = tokenizer.eot_token
@@ -126,7 +140,7 @@ def train_sft(config, out_dir, device="cpu", resume=False, overwrite=False, prog
             batch = completion_batch([train[i] for i in ids.tolist()], pad)
             inputs, input_mask, targets, loss_mask = (t.to(device) for t in shift_for_loss(*batch))
             loss, metrics = sft_loss(model(inputs, input_mask), targets, loss_mask)
-            common.check_finite(loss, step, out_dir)
+            common.check_finite(loss, step + 1, out_dir)    # steps are counted from 1, as in metrics.jsonl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

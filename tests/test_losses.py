@@ -574,3 +574,75 @@ def test_extreme_margins_are_finite(sign):
     logits = torch.tensor([[[big, 0.0, -big], [0.0, big, 0.0]]], requires_grad=True)
     targets = torch.tensor([[2, 0]])
     _assert_finite(sft_loss(logits, targets, torch.ones(1, 2))[0], logits)
+
+
+### BEGIN HIDDEN TESTS
+# ---------------------------------------------------------------------------------------
+# Hidden tests: more hand-computed cases, in the instructor's copy only (the student copy
+# leaves this region out; `python -m minirlhf grade` runs it). See minirlhf/exercises.py.
+
+
+def test_hidden_token_logprobs_three_way_softmax():
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
+    # log(e³ / (e + e² + e³)) = −log(1 + e⁻¹ + e⁻²); a uniform row gives −log 3.
+    expected = torch.tensor([[-math.log(1 + math.exp(-1) + math.exp(-2)), -math.log(3.0)]])
+    torch.testing.assert_close(token_logprobs(logits, torch.tensor([[2, 0]])), expected)
+
+
+def test_hidden_sft_loss_is_a_token_mean_not_a_row_mean():
+    # Row 0: one token with p = 1/2 (then junk under the mask); row 1: two tokens with p = 3/4.
+    logits = torch.tensor([[[0.0, 0.0], [50.0, -50.0]],
+                           [[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])
+    targets = torch.tensor([[0, 1], [1, 1]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    loss, metrics = sft_loss(logits, targets, mask)
+    assert loss.item() == pytest.approx((math.log(2.0) + 2 * math.log(4.0 / 3.0)) / 3, rel=1e-6)
+    assert metrics["sft/tokens"] == 3.0
+
+
+def test_hidden_ranking_loss_two_rows_by_hand():
+    # Row 0 is ordered (margins 1, 2, 1), row 1 reversed (margins −1, −2, −1).
+    loss, metrics = ranking_loss(torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]]))
+    row0 = (2 * math.log1p(math.exp(-1)) + math.log1p(math.exp(-2))) / 3
+    row1 = (2 * math.log1p(math.exp(1)) + math.log1p(math.exp(2))) / 3
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    assert metrics["accuracy"] == pytest.approx(0.5)
+
+
+def test_hidden_kl_penalized_rewards_k2_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -3.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    # Row 0: d = (0.5, −1), k2 = (0.125, 0.5), times −0.2, score 1 at position 1.
+    # Row 1: position 0 is off the mask; d = 0 on the run; score −2 at position 2.
+    rewards = kl_penalized_rewards(torch.tensor([1.0, -2.0]), logprobs, ref_logprobs, mask, 0.2, "k2")
+    torch.testing.assert_close(rewards, torch.tensor([[-0.025, 0.9, 0.0], [0.0, 0.0, -2.0]]))
+
+
+def test_hidden_gae_two_rows_by_hand():
+    junk = 1e6
+    rewards = torch.tensor([[0.0, 1.0, junk], [junk, 0.0, 2.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.25, junk], [junk, 1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    # γ = 1, λ = 0.5. Row 0: δ1 = 1 − 0.25 = 0.75, δ0 = 0.25 − 0.5 = −0.25, A0 = −0.25 + 0.5·0.75.
+    # Row 1: δ2 = 2 − 1 = 1, δ1 = 1 − 1 = 0, A1 = 0 + 0.5·1.
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.125, 0.75, 0.0], [0.0, 0.5, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(ret, torch.tensor([[0.625, 1.0, 0.0], [0.0, 1.5, 2.0]], dtype=torch.float64))
+
+
+def test_hidden_dpo_variants_by_hand():
+    # h = (−1 − 0) − (−3 − 0) = 2 and β = 0.5, so βh = 1.
+    args = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.zeros(1), torch.zeros(1)
+    agree, disagree = math.log1p(math.exp(-1)), math.log1p(math.exp(1))  # −log σ(1), −log σ(−1)
+    cdpo, metrics = dpo_loss(*args, beta=0.5, label_smoothing=0.1)
+    assert cdpo.item() == pytest.approx(0.9 * agree + 0.1 * disagree, rel=1e-6)
+    robust, _ = dpo_loss(*args, beta=0.5, loss_type="robust", label_smoothing=0.1)
+    assert robust.item() == pytest.approx((0.9 * agree - 0.1 * disagree) / 0.8, rel=1e-6)
+    assert dpo_loss(*args, beta=0.5, loss_type="hinge")[0].item() == pytest.approx(0.0)
+    assert dpo_loss(*args, beta=0.5, loss_type="ipo")[0].item() == pytest.approx((2 - 1) ** 2)
+    assert metrics["rewards/chosen"] == pytest.approx(-0.5)
+    assert metrics["rewards/rejected"] == pytest.approx(-1.5)
+    assert metrics["rewards/margins"] == pytest.approx(1.0)
+    assert metrics["rewards/accuracies"] == 1.0
+### END HIDDEN TESTS

@@ -1,0 +1,190 @@
+"""The DPO paper's baselines (Rafailov et al. 2023, §6): Preferred-FT and Best-of-N.
+
+Preferred-FT is supervised fine-tuning on the *chosen* response of each pair, starting from
+the SFT model: it uses the preferences only to filter the data, never the rejected side.
+It runs through the DPO training loop with loss_type=preferred_ft (`python -m minirlhf
+pft`, which is `dpo --set loss_type=preferred_ft` with the baseline's own step count and
+learning rate), so its run folder and summary have the same keys as DPO's.
+
+Best-of-N samples N completions per prompt from the SFT policy and keeps the one the
+ranker scores highest: the reward model (`ranker=rm`) or, as an upper reference, the gold
+judge itself (`ranker=gold`, "oracle BoN"). Nothing is trained; the cost is N samples at
+test time. Its KL to the SFT policy is not estimated but taken from the analytic formula
+
+    KL(π_BoN ‖ π_ref) = log N − (N − 1)/N
+
+(Stiennon et al. 2020, appendix on best-of-N; Hilton & Gao 2022, "Measuring Goodhart's
+law"), exact when the N samples are almost surely distinct and an upper bound in general
+(Beirami et al. 2024, "Theoretical guarantees on the best-of-n alignment policy"). With
+small discrete outputs, ties among the N samples make the true KL smaller: the summary
+says so with `eval/kl_is_analytic_bound: true`.
+
+Deliberate simplifications: ties in the ranker's score keep the first sample; the kept
+completions are scored once by the gold judge, like every other policy's samples.
+"""
+import dataclasses
+import math
+import statistics
+import time
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from minirlhf import common
+from minirlhf.checkpoints import load_gpt, load_scalar_model
+from minirlhf.data import completion_batch, default_path, encode_example, read_jsonl, shift_for_loss
+from minirlhf.losses import dpo_loss, sft_loss, token_logprobs
+from minirlhf.sampling import generate
+from minirlhf.tasks import get_task
+from minirlhf.tokenizer import load_tokenizer
+
+# ---------------------------------------------------------------------------
+# Preferred-FT: the SFT loss on chosen responses, inside the DPO loop (dpo.train_dpo)
+
+# What `python -m minirlhf pft` sets on top of DPOConfig (tuned like the DPO defaults).
+PREFERRED_FT = dict(loss_type="preferred_ft", steps=60, lr=2e-4, warmup_steps=10)
+PREFERRED_FT_FAST = dict(steps=20, warmup_steps=5)
+
+
+def preferred_ft_batch_loss(policy, prefs, ids, config, pad_id, device):
+    """(loss, metrics) of Preferred-FT on the pairs `ids` (B,): the mean NLL of the chosen
+    completions' tokens (`losses.sft_loss`). The rejected ones are only scored, without a
+    gradient, so that `logps/*` compare with DPO's; where `prefs` carries log π_ref (the held-out
+    pairs), the implicit-reward metrics β·log(π/π_ref) are added (eval/reward_accuracy)."""
+    from minirlhf.dpo import logps_of_sequences
+    chosen_ids, rejected_ids = prefs.pairs[ids].unbind(-1)                  # (B,), (B,)
+    batch = completion_batch([prefs.sequences[i] for i in chosen_ids.tolist()], pad_id)
+    inputs, input_mask, targets, loss_mask = (t.to(device) for t in shift_for_loss(*batch))   # (B, T-1) each
+    logits = policy(inputs, input_mask)                                      # (B, T-1, V)
+    loss, metrics = sft_loss(logits, targets, loss_mask)
+    with torch.no_grad():
+        chosen = (token_logprobs(logits, targets) * loss_mask).sum(-1).cpu()    # (B,) log π(y_w|x)
+        rejected = logps_of_sequences(policy, [prefs.sequences[i] for i in rejected_ids.tolist()], pad_id, device)
+        if prefs.ref_logps is not None:            # the held-out pairs (eval/reward_accuracy)
+            _, implicit = dpo_loss(chosen, rejected, *prefs.ref_logps[prefs.pairs[ids]].unbind(-1), beta=config.beta)
+            metrics.update({k: v for k, v in implicit.items() if k.startswith("rewards/")})
+    metrics["logps/chosen"], metrics["logps/rejected"] = chosen.mean().item(), rejected.mean().item()
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------
+# Best-of-N
+
+@dataclasses.dataclass
+class BestOfNConfig:
+    """Best-of-N sampling from the SFT policy, ranked by the reward model or the gold judge."""
+    test_prompts: str = str(default_path("prompts_test"))  # the same prompts every method is evaluated on
+    test_prefs: Optional[str] = None   # held-out pairs for the ranker's eval/reward_accuracy (None: skip)
+    task: str = "reviews"              # whose gold judge scores the kept samples
+    n: int = 16                        # N: samples per prompt; the ranker keeps one
+    ranker: str = "rm"                 # rm: the reward model given by --rm; gold: the gold judge (oracle BoN)
+    temperature: float = 1.0           # sampling temperature of the SFT policy
+    max_prompt_tokens: int = 16        # longer prompts are refused
+    max_new_tokens: int = 48           # length limit when sampling completions
+    n_eval_samples: int = 256          # test prompts (one kept completion each)
+    batch_size: int = 128              # sequences per generate call (n=1: the same batches as evaluate_policy)
+    seed: int = 0                      # seeds sampling
+
+    def validate(self):
+        common.require(self.n >= 1, "n must be at least 1")
+        common.require(self.ranker in ("rm", "gold"), "ranker must be rm or gold")
+        common.require(self.temperature > 0, "temperature must be positive")
+        common.require(self.batch_size >= 1, "batch_size must be positive")
+
+
+BEST_OF_N_FAST = dict(n=4, n_eval_samples=64)
+
+
+def best_of_n_kl_bound(n):
+    """Analytic KL(π_BoN ‖ π_ref) = log N − (N−1)/N in nats: 0 for N = 1 (an upper bound in general)."""
+    return math.log(n) - (n - 1) / n
+
+
+@torch.no_grad()
+def best_of_n(policy, tokenizer, prompts, rank_fn, gold_fn, config, generator, progress=False):
+    """Sample `config.n` completions per prompt; keep the one `rank_fn` scores highest.
+
+    rank_fn(tokens, attention_mask, texts) -> (b,) scores of the b = prompts_in_call · N
+    sampled sequences (tokens, attention_mask (b, T); texts: prompt + completion strings).
+    Returns one dict per prompt: text, gold, score (the ranker's), eos, length of the kept
+    sample, and mean_gold, the mean gold reward of all N samples (plain SFT sampling).
+    """
+    n, kept = config.n, []
+    per_call = max(1, config.batch_size // n)
+    for start in tqdm(range(0, len(prompts), per_call), desc=f"best-of-{n}", disable=not progress):
+        batch = prompts[start:start + per_call]
+        repeated = [p for p in batch for _ in range(n)]                      # N samples per prompt, adjacent
+        out, completions = generate(policy, tokenizer, repeated, max_new_tokens=config.max_new_tokens,
+                                    max_prompt_tokens=config.max_prompt_tokens,
+                                    temperature=config.temperature, generator=generator)
+        texts = [p + c for p, c in zip(repeated, completions)]
+        scores = torch.as_tensor(rank_fn(out.tokens, out.attention_mask, texts), dtype=torch.float).view(len(batch), n)   # (P, N)
+        best = scores.argmax(-1)                                             # (P,) first maximum wins ties
+        golds = torch.tensor(gold_fn(texts), dtype=torch.float64).view(len(batch), n)   # (P, N)
+        lengths = out.response_mask.sum(-1).view(len(batch), n)              # (P, N)
+        finished = out.finished.view(len(batch), n)                          # (P, N)
+        for i, j in enumerate(best.tolist()):
+            kept.append({"text": texts[i * n + j], "gold": golds[i, j].item(), "score": scores[i, j].item(),
+                         "eos": float(finished[i, j]), "length": int(lengths[i, j]),
+                         "mean_gold": golds[i].mean().item()})
+    return kept
+
+
+def ranker_accuracy(rank_fn, tokenizer, pairs_path, config, block_size):
+    """Share of held-out pairs whose chosen response the ranker scores above the rejected one."""
+    records = read_jsonl(pairs_path, "pairs")
+    rows = [(r["prompt"], r[side]) for side in ("chosen", "rejected") for r in records]   # chosen..., rejected...
+    scores = []
+    for start in range(0, len(rows), 256):
+        batch = rows[start:start + 256]
+        examples = [encode_example(tokenizer, p, c, block_size, config.max_prompt_tokens) for p, c in batch]
+        tokens, mask, _ = completion_batch(examples, tokenizer.eot_token)      # (b, T) each
+        scores.extend(torch.as_tensor(rank_fn(tokens, mask, [p + c for p, c in batch]), dtype=torch.float).tolist())
+    chosen, rejected = torch.tensor(scores).chunk(2)                         # (N,), (N,)
+    return (chosen > rejected).float().mean().item()
+
+
+def run_best_of_n(config, sft_dir, rm_dir, out_dir, device="cpu", overwrite=False, progress=True):
+    """Best-of-N on the test prompts; write config.json and summary.json and return the summary."""
+    config.validate()
+    common.require(config.ranker == "gold" or rm_dir, "ranker=rm needs a reward model: pass --rm DIR "
+                   "(or --set ranker=gold for the oracle)")
+    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite)
+    tokenizer = load_tokenizer()
+    gold_fn = get_task(config.task).gold_reward
+    policy = load_gpt(sft_dir, device, tokenizer)
+    prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts")][:config.n_eval_samples]
+    if config.ranker == "rm":
+        reward_model = load_scalar_model(rm_dir, device)
+        rank_fn = lambda tokens, mask, texts: reward_model.score(tokens.to(device), mask.to(device)).cpu()
+    else:
+        rank_fn = lambda tokens, mask, texts: gold_fn(texts)
+    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "stage": "bon", "sft": str(sft_dir),
+                                                "rm": str(rm_dir) if rm_dir else None})
+
+    t0 = time.perf_counter()
+    kept = best_of_n(policy, tokenizer, prompts, rank_fn, gold_fn, config,
+                     common.step_generator(config.seed, -1), progress)      # the generator evaluate_policy uses
+    golds = [k["gold"] for k in kept]
+    summary = {
+        "eval/gold_reward": statistics.mean(golds),
+        "eval/gold_reward_sem": statistics.stdev(golds) / len(golds) ** 0.5 if len(golds) > 1 else 0.0,
+        "eval/eos_rate": statistics.mean(k["eos"] for k in kept),
+        "eval/length": statistics.mean(k["length"] for k in kept),
+        "eval/n_samples": len(kept),
+        "eval/kl": best_of_n_kl_bound(config.n),
+        "eval/kl_is_analytic_bound": True,
+        "bon/n": config.n,
+        "bon/gold_reward_all_samples": statistics.mean(k["mean_gold"] for k in kept),
+        "train/seconds": 0.0,                                              # nothing is trained
+        "eval/seconds": time.perf_counter() - t0,
+        "eval/samples": [{"text": k["text"], "gold": round(k["gold"], 4)} for k in kept[:5]],
+    }
+    if config.ranker == "rm":
+        summary["eval/proxy_reward"] = statistics.mean(k["score"] for k in kept)
+    if config.test_prefs:
+        summary["eval/reward_accuracy"] = ranker_accuracy(rank_fn, tokenizer, config.test_prefs, config,
+                                                          policy.config.block_size)
+    common.write_json(out_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,128 @@
+"""Plots and the written report of the frontier sweep (`minirlhf.experiments`).
+
+Everything here reads measured points; the sentences are generated from them, so the
+report says whichever frontier came out higher, by how much, and at which KL.
+"""
+from minirlhf.experiments import COLOURS, best_within, frontier_envelope
+
+KL_BUDGETS = [0.5, 1, 2, 4, 8, 16, 32]
+NAMES = {"sft": "SFT", "dpo": "DPO", "ppo": "PPO (reward model)", "ppo_gt": "PPO-GT (gold reward)",
+         "preferred_ft": "Preferred-FT", "best_of_n": "Best-of-N"}
+
+
+def _all_points(runs):
+    return [p for run in runs for p in run["points"]]
+
+
+def plot_frontier(results, temperatures, rates, path):
+    """Left: gold reward vs KL, every evaluation as a dot, each method's frontier as a line.
+    Right: win rate against SFT samples vs sampling temperature."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, runs in results.items():
+        points = _all_points(runs)
+        left.scatter([p[0] for p in points], [p[1] for p in points], s=12, alpha=0.45, color=COLOURS[method])
+        envelope = frontier_envelope(points)
+        left.plot([p[0] for p in envelope], [p[1] for p in envelope], "-o", ms=3, color=COLOURS[method],
+                  label=NAMES[method])
+    left.set_xscale("symlog", linthresh=1.0)
+    left.set_xlabel("KL(π ‖ π_SFT), nats (symlog)")
+    left.set_ylabel("gold reward")
+    left.set_title("Reward vs KL frontier (cf. DPO paper, Fig. 2 left)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    for method, values in rates.items():
+        right.plot(temperatures, values, "-o", color=COLOURS[method], label=NAMES[method])
+    right.axhline(0.5, color="grey", ls="--", lw=1)
+    right.set_xlabel("sampling temperature")
+    right.set_ylabel("win rate vs SFT samples (gold judge)")
+    right.set_title("Win rate vs temperature (cf. Fig. 2 right)")
+    right.set_ylim(0, 1)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_overoptimisation(rows, path):
+    """Gold and proxy reward against KL along one long PPO run without a KL penalty (Gao et al. 2022)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    kls = [r["eval/kl"] for r in rows]
+    ax.plot(kls, [r["eval/gold_reward"] for r in rows], "-o", ms=3, label="gold reward", color="tab:green")
+    ax.set_xlabel("KL(π ‖ π_SFT), nats")
+    ax.set_ylabel("gold reward", color="tab:green")
+    twin = ax.twinx()
+    twin.plot(kls, [r["eval/proxy_reward"] for r in rows], "-s", ms=3, label="proxy (RM) reward", color="tab:red")
+    twin.set_ylabel("proxy reward (normalised RM score)", color="tab:red")
+    ax.set_title("Over-optimisation: PPO with β = 0")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(summary, path):
+    results = summary["results"]
+    methods = [m for m in NAMES if m in results]
+    lines = ["# Reward vs KL frontier", "",
+             f"Seed {summary['seed']}, {'fast' if summary['fast'] else 'full'} sweep, "
+             f"{summary['total_seconds'] / 60:.1f} minutes. Base models (SFT, preferences, reward model): "
+             f"`{summary['base']}`. Every point is one evaluation: gold reward and KL(π‖π_SFT) "
+             "of one sample per test prompt (Best-of-N: the analytic KL bound log N − (N−1)/N).", "",
+             "![frontier](frontier.png)", "", "## Best gold reward within a KL budget", "",
+             "| method | " + " | ".join(f"KL ≤ {b:g}" for b in KL_BUDGETS) + " |",
+             "| --- |" + " ---: |" * len(KL_BUDGETS)]
+    best = {m: [best_within(_all_points(results[m]), b) for b in KL_BUDGETS] for m in methods}
+    for m in methods:
+        lines.append(f"| {NAMES[m]} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in best[m]) + " |")
+    lines += ["", *comparison(best, "dpo", "ppo"), "", "## Every run", "",
+              "| method | setting | final gold reward | final KL | train seconds |", "| --- | --- | ---: | ---: | ---: |"]
+    for m in methods:
+        for run in results[m]:
+            final = run.get("final", {})
+            gold, kl = run["points"][-1][1], run["points"][-1][0]
+            lines.append(f"| {NAMES[m]} | {run['label']} | {gold:.3f} | {kl:.2f} | "
+                         f"{final.get('train/seconds', 0.0):.1f} |")
+    rates = summary["win_rates"]
+    temps = rates["temperatures"]
+    lines += ["", "## Win rate against SFT samples by sampling temperature", "",
+              "| method | " + " | ".join(f"T={t:g}" for t in temps) + " |", "| --- |" + " ---: |" * len(temps)]
+    for m, values in rates.items():
+        if m != "temperatures":
+            lines.append(f"| {NAMES[m]} (first setting) | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    lines += ["", "## Over-optimisation", "", "![over-optimisation](overoptimisation.png)", "",
+              *overoptimisation_sentences(summary["overoptimisation"])]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def comparison(best, a, b):
+    """Sentences comparing two methods' frontiers at every budget where both have a point."""
+    if a not in best or b not in best:
+        return []
+    pairs = [(budget, x, y) for budget, x, y in zip(KL_BUDGETS, best[a], best[b]) if x is not None and y is not None]
+    if not pairs:
+        return [f"{NAMES[a]} and {NAMES[b]} have no points at a common KL budget."]
+    higher = sum(x > y for _, x, y in pairs)
+    out = [f"{NAMES[a]}'s frontier is higher than {NAMES[b]}'s at {higher} of {len(pairs)} KL budgets where both "
+           "have points:"]
+    out += [f"- KL ≤ {budget:g}: {NAMES[a]} {x:.3f} vs {NAMES[b]} {y:.3f} ({x - y:+.3f})" for budget, x, y in pairs]
+    return out
+
+
+def overoptimisation_sentences(rows):
+    if not rows:
+        return ["The over-optimisation run logged no evaluations."]
+    peak = max(rows, key=lambda r: r["eval/gold_reward"])
+    last = rows[-1]
+    verdict = ("the proxy reward kept rising while the gold reward fell: reward hacking"
+               if last["eval/proxy_reward"] > peak["eval/proxy_reward"] and last["eval/gold_reward"] < peak["eval/gold_reward"] - 0.05
+               else "the gold reward did not fall clearly in this run")
+    return [f"Gold reward peaked at {peak['eval/gold_reward']:.3f} (KL {peak['eval/kl']:.1f}, proxy "
+            f"{peak['eval/proxy_reward']:.2f}); at the end of the run it was {last['eval/gold_reward']:.3f} at KL "
+            f"{last['eval/kl']:.1f} with proxy {last['eval/proxy_reward']:.2f}: {verdict}."]

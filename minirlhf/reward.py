@@ -1,0 +1,323 @@
+"""Step 2b of RLHF: a reward model learns the simulated labelers' preferences.
+
+The reward model r(x, y) is the SFT model with its language-model output replaced by a
+scalar head (`ScalarHeadModel.from_gpt`; Stiennon et al. 2020, §3.4), read at the last real
+token of `prompt + completion + EOS` (`ScalarHeadModel.score`). It is trained on the
+labels that `collect.py` wrote, with one of two losses from `minirlhf/losses.py`:
+
+  loss=pairwise  Bradley-Terry on pairs (Bradley & Terry 1952; Stiennon et al. 2020 eq. 1):
+                 −log σ(r(x, y_c) − r(x, y_r)). A rankings file is split into its C(K,2) pairs.
+  loss=ranking   InstructGPT's K-wise loss (Ouyang et al. 2022, eq. 1): all C(K,2) pairs of
+                 one prompt in ONE batch element, 1/C(K,2) Σ_{i<j} −log σ(r_i − r_j). The K
+                 completions of a prompt go through one forward pass: K forwards buy C(K,2)
+                 comparisons instead of 2 forwards per comparison.
+
+Bradley-Terry only sees differences of rewards, so r is defined up to a shift (and its
+scale is whatever fits the label noise). After training the rewards are normalised so that
+samples of the SFT policy score mean 0 and standard deviation 1 (InstructGPT §3.5 uses mean
+0 on demonstrations): `reward_gain = 1/std`, `reward_bias = −mean/std`, two buffers of the
+model, saved in model.pt. PPO then starts from rewards of a known scale.
+
+Deliberate simplifications: batches are drawn at random each step, with a generator that
+depends only on (seed, step), rather than in epochs (so --resume gives the same run); all
+rankings in a file must have the same K; the whole trunk is fine-tuned, nothing is frozen.
+"""
+import dataclasses
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from minirlhf import common
+from minirlhf.checkpoints import load_gpt, save_model
+from minirlhf.collect import pairs_of_ranking
+from minirlhf.data import DataError, completion_batch, encode_example, read_jsonl, write_jsonl
+from minirlhf.losses import bradley_terry_loss, ranking_loss
+from minirlhf.model import ScalarHeadModel
+from minirlhf.sampling import sample_completions
+from minirlhf.tasks import get_task
+from minirlhf.tokenizer import load_tokenizer
+
+LOSSES = ("pairwise", "ranking")
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """Train a reward model on preferences. Defaults train in well under a minute on 2 cores."""
+    loss: str = "pairwise"            # "pairwise" (Bradley-Terry on pairs) or "ranking" (K-wise, InstructGPT)
+    test_prefs: Optional[str] = None  # held-out preferences; None: the sibling *_test.jsonl of --prefs
+    task: str = "reviews"             # whose gold judge gives eval/bayes_accuracy and eval/gold_corr
+    steps: int = 400                  # optimiser steps (defaults: about 1.2 passes over collect's 5400 pairs)
+    batch_size: int = 16              # pairs per step (pairwise) or rankings per step (ranking)
+    lr: float = 1e-3                  # peak learning rate (AdamW)
+    warmup_steps: int = 20            # linear warm-up steps before the cosine decay
+    min_lr_ratio: float = 0.1         # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1         # AdamW weight decay on matrices
+    grad_clip: float = 1.0            # clip the global gradient norm to this
+    eval_every: int = 50              # steps between held-out evaluations (and checkpoints)
+    max_prompt_tokens: int = 16       # longer prompts are refused
+    max_new_tokens: int = 48          # length limit of the SFT samples used for normalisation
+    n_norm_prompts: int = 256         # train records whose prompts' SFT samples set the reward's mean and std
+    seed: int = 0                     # seeds batch order, the head's init and the normalisation samples
+
+    def validate(self):
+        common.require(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        common.require(self.steps > 0, "steps must be positive")
+        common.require(self.batch_size > 0, "batch_size must be positive")
+        common.require(self.lr > 0, "lr must be positive")
+        common.require(self.eval_every > 0, "eval_every must be positive")
+        common.require(self.n_norm_prompts >= 2, "n_norm_prompts must be at least 2 (a std needs two samples)")
+
+
+FAST = dict(steps=60, batch_size=16, eval_every=20, warmup_steps=6, lr=1e-3, n_norm_prompts=64)
+
+
+# ---------------------------------------------------------------------------
+# Preference data
+
+def held_out_path(prefs_path):
+    """The held-out sibling of a preference file: pairs.jsonl -> pairs_test.jsonl."""
+    path = Path(prefs_path)
+    return path.with_name(f"{path.stem}_test{path.suffix}")
+
+
+def load_preferences(path, loss, tokenizer=None, max_prompt_tokens=None):
+    """Records for `loss`: pairs {"prompt","chosen","rejected"} or rankings {"prompt","completions"}.
+
+    A rankings file gives all its C(K,2) pairs to the pairwise loss; a pairs file cannot
+    give rankings back, and anything else is refused with the file to pass instead. With a
+    tokenizer, a prompt longer than `max_prompt_tokens` is refused with its line number."""
+    path = Path(path)
+    first = read_jsonl(path, "prompts")[0]          # checks JSON lines with a prompt; peeks at the kind
+    if "completions" in first:
+        rankings = read_jsonl(path, "rankings", tokenizer, max_prompt_tokens)
+        ks = sorted({len(r["completions"]) for r in rankings})
+        if len(ks) > 1:
+            raise DataError(f"{path}: rankings of different lengths K={ks}; use one K per file")
+        if loss == "ranking":
+            return rankings
+        return [pair for r in rankings for pair in pairs_of_ranking(r["prompt"], r["completions"])]
+    if "chosen" in first:
+        if loss == "ranking":
+            raise DataError(f"{path} holds pairs, but loss=ranking needs rankings "
+                            f"{{'prompt', 'completions'}}: pass {path.with_name('rankings.jsonl')} "
+                            "(written by `collect` beside pairs.jsonl), or use --set loss=pairwise")
+        return read_jsonl(path, "pairs", tokenizer, max_prompt_tokens)
+    raise DataError(f"{path} holds neither pairs {{'prompt', 'chosen', 'rejected'}} nor rankings "
+                    "{'prompt', 'completions'}: pass the pairs.jsonl or rankings.jsonl that `collect` wrote")
+
+
+def completions_of(record):
+    """The completions of one record, best first: [chosen, rejected] or the ranking."""
+    return record["completions"] if "completions" in record else [record["chosen"], record["rejected"]]
+
+
+# ---------------------------------------------------------------------------
+# Scoring: K completions per record, all in one forward pass
+
+def score_records(model, records, tokenizer, config, device):
+    """Rewards (B, K) of the B records' completions, each row best -> worst (K = 2 for pairs).
+
+    Rows are prompt + completion + EOS, right-padded; `score` reads the last real token."""
+    block = model.config.block_size
+    examples = [encode_example(tokenizer, r["prompt"], c, block, config.max_prompt_tokens)
+                for r in records for c in completions_of(r)]                # B*K, record-major
+    tokens, attention_mask, _ = completion_batch(examples, tokenizer.eot_token)  # (B*K, T) each
+    rewards = model.score(tokens.to(device), attention_mask.to(device))     # (B*K,)
+    return rewards.view(len(records), -1)                                   # (B, K)
+
+
+def preference_loss(rewards, loss):
+    """Pairwise: Bradley-Terry on rewards[:, 0] vs rewards[:, 1]; ranking: the K-wise loss."""
+    if loss == "pairwise":
+        return bradley_terry_loss(rewards[:, 0], rewards[:, 1])
+    return ranking_loss(rewards)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts, completions, config, device, batch_size=256):
+    """Rewards (N,) of N (prompt, completion) pairs, in batches."""
+    records = [{"prompt": p, "completions": [c]} for p, c in zip(prompts, completions)]
+    return torch.cat([score_records(model, records[i:i + batch_size], tokenizer, config, device)[:, 0].cpu()
+                      for i in range(0, len(records), batch_size)])
+
+
+# ---------------------------------------------------------------------------
+# Held-out evaluation: accuracy, its ceiling, loss, correlation with gold, calibration
+
+@torch.no_grad()
+def evaluate_pairs(model, tokenizer, pairs, golds, config, device):
+    """Held-out metrics of the reward model on `pairs`; `golds` maps (prompt, text) -> gold.
+
+    Each distinct completion is scored once. Returns (metrics, margins (N,) r_c − r_r)."""
+    was_training = model.training
+    model.eval()
+    texts = list(golds)                                                 # distinct (prompt, completion)
+    rewards = score_texts(model, tokenizer, [p for p, _ in texts], [c for _, c in texts], config, device)
+    index = {t: i for i, t in enumerate(texts)}
+    chosen = rewards[[index[p["prompt"], p["chosen"]] for p in pairs]]      # (N,)
+    rejected = rewards[[index[p["prompt"], p["rejected"]] for p in pairs]]  # (N,)
+    loss, metrics = bradley_terry_loss(chosen, rejected)
+    model.train(was_training)
+    gold = torch.tensor([golds[t] for t in texts])
+    corr = torch.corrcoef(torch.stack([rewards, gold]))[0, 1].item()        # Pearson
+    return {"eval/accuracy": metrics["accuracy"], "eval/loss": loss.item(), "eval/gold_corr": corr}, chosen - rejected
+
+
+def bayes_accuracy(pairs, golds):
+    """How often the gold judge agrees with the (noisy) label, ties ½: the ceiling of eval/accuracy."""
+    agree = [1.0 if golds[p["prompt"], p["chosen"]] > golds[p["prompt"], p["rejected"]]
+             else 0.5 if golds[p["prompt"], p["chosen"]] == golds[p["prompt"], p["rejected"]] else 0.0
+             for p in pairs]
+    return statistics.mean(agree)
+
+
+def calibration(margins, n_bins=10):
+    """Bins of predicted P(a ≻ b) = σ(r_a − r_b) against how often the label says a ≻ b.
+
+    Each pair counts in both orders, (σ(m), label 1) and (σ(−m), label 0), since the label
+    always names the chosen one first. Returns (bins [(mean predicted, observed, count)],
+    expected calibration error = Σ count/N · |observed − predicted|)."""
+    p = torch.sigmoid(torch.cat([margins, -margins]))                       # (2N,)
+    y = torch.cat([torch.ones_like(margins), torch.zeros_like(margins)])    # (2N,)
+    which = (p * n_bins).long().clamp(max=n_bins - 1)                       # (2N,) bin of each
+    bins = [(p[which == b].mean().item(), y[which == b].mean().item(), int((which == b).sum()))
+            for b in range(n_bins) if (which == b).any()]
+    ece = sum(n * abs(obs - pred) for pred, obs, n in bins) / len(p)
+    return bins, ece
+
+
+def plot_rm(rows, bins, ceiling, out_dir):
+    """accuracy.png (train and held-out accuracy vs step) and calibration.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, label in (("accuracy", "train (batches since last log)"), ("eval/accuracy", "held-out")):
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], marker=".", label=label)
+    ax.axhline(ceiling, color="gray", ls="--", label="bayes accuracy (ceiling)")
+    ax.set(xlabel="step", ylabel="pairwise accuracy", title="Reward model accuracy")
+    _save(fig, ax, out_dir / "accuracy.png")
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], color="gray", ls="--", label="perfect calibration")
+    largest = max(n for _, _, n in bins)
+    ax.scatter([b[0] for b in bins], [b[1] for b in bins], s=[10 + 200 * n / largest for _, _, n in bins])
+    ax.set(xlabel="predicted P(a preferred) = σ(r_a − r_b)", ylabel="observed frequency (labels)",
+           title="Calibration on held-out pairs", xlim=(0, 1), ylim=(0, 1))
+    _save(fig, ax, out_dir / "calibration.png")
+
+
+def _save(fig, ax, path):
+    import matplotlib.pyplot as plt
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Normalisation: SFT samples get mean 0 and std 1
+
+@torch.no_grad()
+def normalise_rewards(model, policy, tokenizer, prompts, config, device):
+    """Sample one completion per prompt from the SFT `policy`, score it with the raw reward,
+    and set reward_gain = 1/std, reward_bias = −mean/std (population std). Returns the samples."""
+    model.reward_gain.fill_(1.0)
+    model.reward_bias.fill_(0.0)
+    completions = sample_completions(policy, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                                     max_prompt_tokens=config.max_prompt_tokens,
+                                     generator=common.step_generator(config.seed, -1))
+    raw = score_texts(model.eval(), tokenizer, prompts, completions, config, device)  # (N,)
+    mean, std = raw.mean().item(), raw.std(correction=0).item()
+    common.require(std > 0, "every SFT sample got the same reward: cannot normalise (is the RM trained?)")
+    model.reward_gain.fill_(1.0 / std)
+    model.reward_bias.fill_(-mean / std)
+    return [{"prompt": p, "completion": c, "raw": r} for p, c, r in zip(prompts, completions, raw.tolist())]
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+def train_reward_model(config, sft_dir, prefs_path, out_dir, device="cpu", resume=False, overwrite=False,
+                       progress=True):
+    """Train a reward model from the SFT model on `prefs_path`; write the run folder and return the summary."""
+    config.validate()
+    started = time.perf_counter()
+    tokenizer = load_tokenizer()
+    train = load_preferences(prefs_path, config.loss, tokenizer, config.max_prompt_tokens)
+    test_path = Path(config.test_prefs) if config.test_prefs else held_out_path(prefs_path)
+    common.require(test_path.exists(), f"no held-out preferences at {test_path}: pass --set test_prefs=PATH")
+    test = load_preferences(test_path, "pairwise", tokenizer, config.max_prompt_tokens)  # evaluation: pairs
+    common.seed_everything(config.seed)                                     # the head's init (and load_gpt's)
+    policy = load_gpt(sft_dir, device, tokenizer)
+    common.check_generation_fits(config, policy.config.block_size)          # the normalisation samples
+    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
+    gold_fn = get_task(config.task).gold_reward
+    test_texts = list(dict.fromkeys((r["prompt"], c) for r in test for c in completions_of(r)))
+    golds = dict(zip(test_texts, gold_fn([p + c for p, c in test_texts])))
+
+    model = ScalarHeadModel.from_gpt(policy).to(device).train()
+    optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
+    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "model": dataclasses.asdict(model.config),
+                                                "sft": str(sft_dir), "prefs": str(prefs_path),
+                                                "test_prefs_used": str(test_path), "stage": "rm"})
+    modules = {"model": model, "optimizer": optimizer}
+    start_step, rows, _ = common.resume_training(out_dir, modules) if resume else (0, [], None)
+    log = common.MetricsLog(out_dir / "metrics.jsonl", rows)
+
+    window = []                                                             # train metrics since the last log
+    bar = tqdm(range(start_step, config.steps), desc=f"rm ({config.loss})", disable=not progress,
+               initial=start_step, total=config.steps)
+    with common.GracefulStop() as stop:
+        for step in bar:
+            lr = common.cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids = torch.randint(len(train), (config.batch_size,), generator=common.step_generator(config.seed, step))
+            rewards = score_records(model, [train[i] for i in ids.tolist()], tokenizer, config, device)  # (B, K)
+            loss, metrics = preference_loss(rewards, config.loss)
+            common.check_finite(loss, step, out_dir)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            window.append(metrics)
+            bar.set_postfix(loss=f"{metrics['loss/rm']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+                held_out, _ = evaluate_pairs(model, tokenizer, test, golds, config, device)
+                log.log({"step": step + 1, "lr": lr, **{k: statistics.mean(m[k] for m in window) for k in window[0]},
+                         **held_out})
+                window = []
+                common.save_checkpoint(out_dir, step + 1, modules)
+            if stop.requested:
+                common.save_checkpoint(out_dir, step + 1, modules)
+                raise common.Interrupted(step + 1, out_dir)
+
+    # Final evaluation on the raw rewards (the scale Bradley-Terry fitted), then normalisation.
+    summary, margins = evaluate_pairs(model, tokenizer, test, golds, config, device)
+    bins, summary["eval/calibration_error"] = calibration(margins)
+    summary["eval/bayes_accuracy"] = bayes_accuracy(test, golds)
+    summary["eval/pairs"] = len(test)
+    summary["train/comparisons"] = sum(math.comb(len(completions_of(r)), 2) for r in train)
+    picked = random.Random(config.seed).sample(range(len(train)), min(config.n_norm_prompts, len(train)))
+    prompts = [train[i]["prompt"] for i in picked]                          # repeats follow the prompt distribution
+    samples = normalise_rewards(model, policy, tokenizer, prompts, config, device)
+    write_jsonl(out_dir / "norm_samples.jsonl", samples)
+    summary["rm/gain"], summary["rm/bias"] = model.reward_gain.item(), model.reward_bias.item()
+    shown = test_texts[:5]
+    normalised = score_texts(model, tokenizer, [p for p, _ in shown], [c for _, c in shown], config, device)
+    summary["eval/samples"] = [{"text": p + c, "gold": round(golds[p, c], 4), "reward": round(r, 3)}
+                               for (p, c), r in zip(shown, normalised.tolist())]
+    summary["model/params"] = model.trunk.num_params()
+    summary["train/seconds"] = time.perf_counter() - started
+    save_model(model, out_dir)
+    plot_rm(log.rows, bins, summary["eval/bayes_accuracy"], out_dir)
+    common.write_json(out_dir / "summary.json", summary)
+    common.remove_checkpoint(out_dir)
+    return summary
