@@ -2,8 +2,11 @@
 
 Every stage command takes the same flags: --out DIR, --fast (shrink sizes and steps so the
 command finishes in seconds), --seed N, --set key=value (any field of the stage's config
-dataclass), --device auto|cpu|cuda|mps, --resume, --overwrite and --debug. Bad input is
-reported in one line with exit code 2; --debug shows the traceback instead.
+dataclass), --device auto|cpu|cuda|mps, --resume, --overwrite and --debug. A stage's input
+file is --data FILE (sft: demonstrations; collect, ppo: prompts, also --prompts; rm, dpo,
+pft: preferences, also --prefs). Bad input is reported in one line with exit code 2;
+--debug shows the traceback instead; Ctrl-C saves a checkpoint and exits with 130
+(docs/reliability.md).
 """
 import argparse
 import json

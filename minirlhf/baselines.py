@@ -48,21 +48,22 @@ PREFERRED_FT_FAST = dict(steps=20, warmup_steps=5)
 
 
 def preferred_ft_batch_loss(policy, prefs, ids, config, pad_id, device):
-    """(loss, metrics) of Preferred-FT on the pairs `ids` (B,): the mean NLL of the chosen
-    completions' tokens (`losses.sft_loss`). The rejected ones are only scored, without a
-    gradient, so that `logps/*` compare with DPO's; where `prefs` carries log π_ref (the held-out
-    pairs), the implicit-reward metrics β·log(π/π_ref) are added (eval/reward_accuracy)."""
-    from minirlhf.dpo import logps_of_sequences
-    chosen_ids, rejected_ids = prefs.pairs[ids].unbind(-1)                  # (B,), (B,)
-    batch = completion_batch([prefs.sequences[i] for i in chosen_ids.tolist()], pad_id)
-    inputs, input_mask, targets, loss_mask = (t.to(device) for t in shift_for_loss(*batch))   # (B, T-1) each
-    logits = policy(inputs, input_mask)                                      # (B, T-1, V)
-    loss, metrics = sft_loss(logits, targets, loss_mask)
+    """(loss, metrics) of Preferred-FT on the pairs `ids` (P,): the mean NLL of the chosen
+    completions' tokens (`losses.sft_loss`), each counted once per pair it wins. The rejected
+    ones only give `logps/rejected`; where `prefs` carries log π_ref (the held-out pairs), the
+    implicit-reward metrics β·log(π/π_ref) are added (eval/reward_accuracy)."""
+    from minirlhf.dpo import pair_batch
+    *batch, index = pair_batch(prefs, ids, pad_id, device)                  # (U, T) each; (P, 2)
+    inputs, input_mask, targets, loss_mask = shift_for_loss(*batch)          # (U, T-1) each
+    logits = policy(inputs, input_mask)                                      # (U, T-1, V)
+    winners = index[:, 0]                                                    # (P,) rows of the chosen
+    loss, metrics = sft_loss(logits[winners], targets[winners], loss_mask[winners])   # (P, T-1, V) gathered
     with torch.no_grad():
-        chosen = (token_logprobs(logits, targets) * loss_mask).sum(-1).cpu()    # (B,) log π(y_w|x)
-        rejected = logps_of_sequences(policy, [prefs.sequences[i] for i in rejected_ids.tolist()], pad_id, device)
+        logps = (token_logprobs(logits, targets) * loss_mask).sum(-1)       # (U,) log π(y|x)
+        chosen, rejected = logps[index].unbind(-1)                           # (P,), (P,)
         if prefs.ref_logps is not None:            # the held-out pairs (eval/reward_accuracy)
-            _, implicit = dpo_loss(chosen, rejected, *prefs.ref_logps[prefs.pairs[ids]].unbind(-1), beta=config.beta)
+            ref = prefs.ref_logps[prefs.pairs[ids]].to(device)               # (P, 2)
+            _, implicit = dpo_loss(chosen, rejected, *ref.unbind(-1), beta=config.beta)
             metrics.update({k: v for k, v in implicit.items() if k.startswith("rewards/")})
     metrics["logps/chosen"], metrics["logps/rejected"] = chosen.mean().item(), rejected.mean().item()
     return loss, metrics
@@ -91,6 +92,7 @@ class BestOfNConfig:
         common.require(self.ranker in ("rm", "gold"), "ranker must be rm or gold")
         common.require(self.temperature > 0, "temperature must be positive")
         common.require(self.batch_size >= 1, "batch_size must be positive")
+        common.require(self.n_eval_samples > 0, "n_eval_samples must be positive")
 
 
 BEST_OF_N_FAST = dict(n=4, n_eval_samples=64)
@@ -133,7 +135,7 @@ def best_of_n(policy, tokenizer, prompts, rank_fn, gold_fn, config, generator, p
 
 def ranker_accuracy(rank_fn, tokenizer, pairs_path, config, block_size):
     """Share of held-out pairs whose chosen response the ranker scores above the rejected one."""
-    records = read_jsonl(pairs_path, "pairs")
+    records = read_jsonl(pairs_path, "pairs", tokenizer, config.max_prompt_tokens)
     rows = [(r["prompt"], r[side]) for side in ("chosen", "rejected") for r in records]   # chosen..., rejected...
     scores = []
     for start in range(0, len(rows), 256):
@@ -148,15 +150,18 @@ def ranker_accuracy(rank_fn, tokenizer, pairs_path, config, block_size):
 def run_best_of_n(config, sft_dir, rm_dir, out_dir, device="cpu", overwrite=False, progress=True):
     """Best-of-N on the test prompts; write config.json and summary.json and return the summary."""
     config.validate()
+    started = time.perf_counter()
     common.require(config.ranker == "gold" or rm_dir, "ranker=rm needs a reward model: pass --rm DIR "
                    "(or --set ranker=gold for the oracle)")
     out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite)
     tokenizer = load_tokenizer()
     gold_fn = get_task(config.task).gold_reward
     policy = load_gpt(sft_dir, device, tokenizer)
-    prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts")][:config.n_eval_samples]
+    common.check_generation_fits(config, policy.config.block_size)
+    prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts", tokenizer,
+                                               config.max_prompt_tokens)][:config.n_eval_samples]
     if config.ranker == "rm":
-        reward_model = load_scalar_model(rm_dir, device)
+        reward_model = load_scalar_model(rm_dir, device, tokenizer)
         rank_fn = lambda tokens, mask, texts: reward_model.score(tokens.to(device), mask.to(device)).cpu()
     else:
         rank_fn = lambda tokens, mask, texts: gold_fn(texts)
@@ -177,7 +182,6 @@ def run_best_of_n(config, sft_dir, rm_dir, out_dir, device="cpu", overwrite=Fals
         "eval/kl_is_analytic_bound": True,
         "bon/n": config.n,
         "bon/gold_reward_all_samples": statistics.mean(k["mean_gold"] for k in kept),
-        "train/seconds": 0.0,                                              # nothing is trained
         "eval/seconds": time.perf_counter() - t0,
         "eval/samples": [{"text": k["text"], "gold": round(k["gold"], 4)} for k in kept[:5]],
     }
@@ -186,5 +190,6 @@ def run_best_of_n(config, sft_dir, rm_dir, out_dir, device="cpu", overwrite=Fals
     if config.test_prefs:
         summary["eval/reward_accuracy"] = ranker_accuracy(rank_fn, tokenizer, config.test_prefs, config,
                                                           policy.config.block_size)
+    summary["train/seconds"] = time.perf_counter() - started    # the whole stage (nothing is trained)
     common.write_json(out_dir / "summary.json", summary)
     return summary

@@ -50,7 +50,7 @@ class DPOConfig:
     beta: float = 0.1                  # β: weight of the KL term; the implicit reward is β·log(π/π_ref)
     label_smoothing: float = 0.0       # ε: assumed label-flip rate (cDPO with sigmoid; robust)
     steps: int = 200                   # optimiser steps
-    batch_size: int = 32               # preference pairs per step
+    batch_size: int = 16               # prompts per step, each with all its pairs (K=4: 6 pairs, 4 sequences)
     lr: float = 5e-4                   # peak learning rate (AdamW)
     warmup_steps: int = 20             # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.1          # the cosine decays to lr * min_lr_ratio
@@ -74,10 +74,12 @@ class DPOConfig:
                        "label_smoothing applies to loss_type sigmoid (cDPO) and robust only")
         common.require(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
         common.require(self.lr > 0, "lr must be positive")
+        common.require(self.grad_clip > 0, "grad_clip must be positive")
+        common.require(self.n_eval_samples > 0, "n_eval_samples must be positive")
         common.require(self.log_every > 0 and self.eval_every >= 0, "log_every > 0 and eval_every >= 0")
 
 
-FAST = dict(steps=30, batch_size=16, warmup_steps=5, log_every=5, n_eval_samples=64)
+FAST = dict(steps=30, batch_size=4, warmup_steps=5, log_every=5, n_eval_samples=64)
 
 
 # ---------------------------------------------------------------------------
@@ -86,9 +88,10 @@ FAST = dict(steps=30, batch_size=16, warmup_steps=5, log_every=5, n_eval_samples
 @dataclasses.dataclass
 class Preferences:
     """Tokenized pairs. Each (prompt, completion) is stored once: with K completions ranked per
-    prompt, its C(K,2) pairs share K sequences, so π_ref runs (K−1)/2 times fewer sequences."""
-    sequences: list            # S unique (ids, n_prompt) examples: prompt + completion + EOS
+    prompt, its C(K,2) pairs share K sequences, so a model runs (K−1)/2 times fewer sequences."""
+    sequences: list            # S distinct (ids, n_prompt) examples: prompt + completion + EOS
     pairs: torch.Tensor        # (N, 2) long: indices [chosen, rejected] into `sequences`
+    prompt_pairs: list         # per distinct prompt, a long tensor of the indices of its pairs
     ref_logps: Optional[torch.Tensor]   # (S,) summed log π_ref(y|x) of each sequence (None: not needed)
 
 
@@ -106,8 +109,9 @@ def logps_of_sequences(model, sequences, pad_id, device, batch_size=256):
 
 def load_preferences(path, tokenizer, reference, config, device, with_reference=True):
     """Read pairs.jsonl, tokenize each distinct sequence once, and score it under π_ref."""
-    index, sequences, pairs = {}, [], []
-    for record in read_jsonl(path, "pairs"):
+    index, sequences, pairs, by_prompt = {}, [], [], {}
+    for record in read_jsonl(path, "pairs", tokenizer, config.max_prompt_tokens):
+        by_prompt.setdefault(record["prompt"], []).append(len(pairs))
         pair = []
         for completion in (record["chosen"], record["rejected"]):
             key = (record["prompt"], completion)
@@ -119,24 +123,36 @@ def load_preferences(path, tokenizer, reference, config, device, with_reference=
         pairs.append(pair)
     ref_logps = (logps_of_sequences(reference, sequences, tokenizer.eot_token, device, config.ref_batch_size)
                  if with_reference else None)
-    return Preferences(sequences, torch.tensor(pairs), ref_logps)
+    return Preferences(sequences, torch.tensor(pairs), [torch.tensor(v) for v in by_prompt.values()], ref_logps)
 
 
 def pair_batch(prefs, ids, pad_id, device):
-    """Chosen rows, then rejected rows: tokens, attention_mask, response_mask, each (2B, T)."""
-    rows = prefs.pairs[ids].T.reshape(-1)                                    # (2B,) chosen..., rejected...
-    return tuple(t.to(device) for t in completion_batch([prefs.sequences[i] for i in rows.tolist()], pad_id))
+    """The distinct sequences of the pairs `ids` (P,) as one batch, and where each pair sits in it.
+
+    Returns tokens, attention_mask, response_mask, each (U, T), and index (P, 2) long: the
+    rows of each pair's [chosen, rejected]. All C(K,2) pairs of a ranking need only K rows.
+    """
+    rows, index = torch.unique(prefs.pairs[ids], return_inverse=True)     # (U,), (P, 2)
+    batch = completion_batch([prefs.sequences[i] for i in rows.tolist()], pad_id)
+    return (*(t.to(device) for t in batch), index.to(device))
+
+
+def sample_pairs(prefs, n_prompts, generator):
+    """Indices of every pair of `n_prompts` prompts drawn at random: a prompt's pairs stay together
+    (InstructGPT §3.5 keeps a ranking's comparisons in one batch element, as the reward model does)."""
+    chosen = torch.randint(len(prefs.prompt_pairs), (n_prompts,), generator=generator).tolist()
+    return torch.cat([prefs.prompt_pairs[i] for i in chosen])                # (P,)
 
 
 # ---------------------------------------------------------------------------
 # One batch: the loss and its metrics
 
 def dpo_batch_loss(policy, prefs, ids, config, pad_id, device):
-    """(loss, metrics) of DPO on the pairs `ids` (B,): one policy forward over 2B sequences."""
-    tokens, mask, response = pair_batch(prefs, ids, pad_id, device)        # (2B, T) each
-    logps = sequence_logprobs(policy, tokens, mask, response)               # (2B,) log π(y|x)
-    chosen, rejected = logps.chunk(2)                                       # (B,), (B,)
-    ref_chosen, ref_rejected = prefs.ref_logps[prefs.pairs[ids]].to(device).unbind(-1)   # (B,), (B,)
+    """(loss, metrics) of DPO on the pairs `ids` (P,): one policy forward over their distinct sequences."""
+    tokens, mask, response, index = pair_batch(prefs, ids, pad_id, device)   # (U, T) each; (P, 2)
+    logps = sequence_logprobs(policy, tokens, mask, response)               # (U,) log π(y|x)
+    chosen, rejected = logps[index].unbind(-1)                               # (P,), (P,)
+    ref_chosen, ref_rejected = prefs.ref_logps[prefs.pairs[ids]].to(device).unbind(-1)   # (P,), (P,)
     loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta,
                              loss_type=config.loss_type, label_smoothing=config.label_smoothing)
     metrics["logps/chosen"] = chosen.mean().item()
@@ -203,11 +219,13 @@ def train_dpo(config, sft_dir, prefs_path, out_dir, device="cpu", resume=False, 
     tokenizer = load_tokenizer()
     pad = tokenizer.eot_token
     task = get_task(config.task)
-    test_prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts")][:config.n_eval_samples]
+    test_prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts", tokenizer,
+                                                    config.max_prompt_tokens)][:config.n_eval_samples]
     test_prefs_path = config.test_prefs or Path(prefs_path).with_name("pairs_test.jsonl")
 
     common.seed_everything(config.seed)
     reference = load_gpt(sft_dir, device, tokenizer).requires_grad_(False)   # frozen π_ref
+    common.check_generation_fits(config, reference.config.block_size)
     policy = load_gpt(sft_dir, device, tokenizer)                            # π, initialised to π_ref
     t0 = time.perf_counter()
     # Preferred-FT never looks at π_ref while training: only its held-out pairs are scored.
@@ -236,8 +254,7 @@ def train_dpo(config, sft_dir, prefs_path, out_dir, device="cpu", resume=False, 
             lr = common.cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ids = torch.randint(len(train.pairs), (config.batch_size,),
-                                generator=common.step_generator(config.seed, step))   # (B,)
+            ids = sample_pairs(train, config.batch_size, common.step_generator(config.seed, step))  # (P,)
             loss, metrics = batch_loss(policy, train, ids, config, pad, device)
             common.check_finite(loss, step, out_dir)
             optimizer.zero_grad(set_to_none=True)

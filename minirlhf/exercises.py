@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from minirlhf.common import atomic_write_text
+
 REPO = Path(__file__).resolve().parent.parent
 SOLUTION = ("### BEGIN SOLUTION", "### END SOLUTION")
 HIDDEN = ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
@@ -454,7 +456,7 @@ def grade(student, json_path=None, timeout=900, all_tests=False, echo=print):
                    "seconds": round(time.time() - started, 1), "output_tail": output[-3000:]},
     }
     json_path = Path(json_path) if json_path else student / "grade.json"
-    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(json_path, json.dumps(record, indent=1) + "\n")
     echo(format_grade(record) + f"\nwrote {json_path}")
     return record
 

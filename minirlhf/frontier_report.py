@@ -3,6 +3,7 @@
 Everything here reads measured points; the sentences are generated from them, so the
 report says whichever frontier came out higher, by how much, and at which KL.
 """
+from minirlhf import common
 from minirlhf.experiments import COLOURS, best_within, frontier_envelope
 
 KL_BUDGETS = [0.5, 1, 2, 4, 8, 16, 32]
@@ -98,7 +99,7 @@ def write_report(summary, path):
             lines.append(f"| {NAMES[m]} (first setting) | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     lines += ["", "## Over-optimisation", "", "![over-optimisation](overoptimisation.png)", "",
               *overoptimisation_sentences(summary["overoptimisation"])]
-    path.write_text("\n".join(lines) + "\n")
+    common.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def comparison(best, a, b):

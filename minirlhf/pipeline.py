@@ -80,11 +80,13 @@ def run_pipeline(out_dir, fast=False, seed=0, device="cpu", resume=False, overwr
                                  "start again, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     combined = {"data": ensure_data(), "fast": fast, "seed": seed, "stages": {}}
+    # read once: timings.json is rewritten after every stage, with the stages seen so far
+    timings = common.read_json(out / "timings.json") if resume and (out / "timings.json").exists() else {}
     for name, run in stage_functions(out, fast, seed, device, progress, resume=resume, overwrite=overwrite):
         stage_dir = out / name
         if resume and (stage_dir / "summary.json").exists():
             summary = common.read_json(stage_dir / "summary.json")
-            seconds = common.read_json(out / "timings.json").get(name, float("nan")) if (out / "timings.json").exists() else float("nan")
+            seconds = timings.get(name, float("nan"))
         else:
             if progress:
                 print(f"== {name}")

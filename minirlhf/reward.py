@@ -71,6 +71,7 @@ class RewardConfig:
         common.require(self.batch_size > 0, "batch_size must be positive")
         common.require(self.lr > 0, "lr must be positive")
         common.require(self.eval_every > 0, "eval_every must be positive")
+        common.require(self.grad_clip > 0, "grad_clip must be positive")
         common.require(self.n_norm_prompts >= 2, "n_norm_prompts must be at least 2 (a std needs two samples)")
 
 

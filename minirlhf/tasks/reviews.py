@@ -26,10 +26,11 @@ without a KL penalty exploits (reward hacking, Gao et al. 2022).
 Deliberate simplifications: lower-case words separated by single spaces, " ." ends a
 sentence, and no punctuation other than the full stop.
 """
-import json
 import math
 import random
 from pathlib import Path
+
+from minirlhf.data import write_jsonl
 
 # ---------------------------------------------------------------------------
 # The vocabulary of the grammar, with each word's polarity
@@ -243,7 +244,5 @@ def write_datasets(out_dir, seed=0):
     paths = {}
     for name, records in make_datasets(seed).items():
         paths[name] = out_dir / f"{name}.jsonl"
-        with open(paths[name], "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        write_jsonl(paths[name], records)
     return paths
