@@ -228,15 +228,20 @@ def _kept(out_dir):
     return "; no checkpoint had been saved yet"
 
 
+def figure(*grid, figsize, **kwargs):
+    """(fig, axes) from a standalone matplotlib Figure: saving it needs no pyplot and leaves the
+    notebook's plotting backend alone (pyplot's global state is never touched)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
 def plot_metrics(rows, keys, path, title, xkey="step"):
     """One panel per metric key against `xkey`, saved as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     keys = [k for k in keys if any(k in r for r in rows)]
     if not keys:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    fig, axes = figure(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         xs = [r[xkey] for r in rows if key in r]
         ax.plot(xs, [r[key] for r in rows if key in r], marker="." if len(xs) < 40 else None)
@@ -246,7 +251,6 @@ def plot_metrics(rows, keys, path, title, xkey="step"):
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -47,11 +47,11 @@ class DPOConfig:
     test_prefs: Optional[str] = None   # held-out pairs for eval/reward_accuracy (None: pairs_test.jsonl beside --prefs)
     task: str = "reviews"              # whose gold judge scores the samples
     loss_type: str = "sigmoid"         # sigmoid (DPO), ipo, hinge, robust; or preferred_ft (the SFT-on-chosen baseline)
-    beta: float = 0.1                  # β: weight of the KL term; the implicit reward is β·log(π/π_ref)
+    beta: float = 0.5                  # β: weight of the KL term; the implicit reward is β·log(π/π_ref)
     label_smoothing: float = 0.0       # ε: assumed label-flip rate (cDPO with sigmoid; robust)
     steps: int = 200                   # optimiser steps
-    batch_size: int = 16               # prompts per step, each with all its pairs (K=4: 6 pairs, 4 sequences)
-    lr: float = 5e-4                   # peak learning rate (AdamW)
+    batch_size: int = 8                # rankings per step, each with all its pairs (K=4: 6 pairs from 4 sequences)
+    lr: float = 2e-4                   # peak learning rate (AdamW)
     warmup_steps: int = 20             # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.1          # the cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0          # AdamW weight decay on matrices (0: the KL term is the regulariser)
@@ -91,7 +91,7 @@ class Preferences:
     prompt, its C(K,2) pairs share K sequences, so a model runs (K−1)/2 times fewer sequences."""
     sequences: list            # S distinct (ids, n_prompt) examples: prompt + completion + EOS
     pairs: torch.Tensor        # (N, 2) long: indices [chosen, rejected] into `sequences`
-    prompt_pairs: list         # per distinct prompt, a long tensor of the indices of its pairs
+    groups: list               # long tensors of pair indices: pairs linked by shared sequences (a ranking)
     ref_logps: Optional[torch.Tensor]   # (S,) summed log π_ref(y|x) of each sequence (None: not needed)
 
 
@@ -109,9 +109,8 @@ def logps_of_sequences(model, sequences, pad_id, device, batch_size=256):
 
 def load_preferences(path, tokenizer, reference, config, device, with_reference=True):
     """Read pairs.jsonl, tokenize each distinct sequence once, and score it under π_ref."""
-    index, sequences, pairs, by_prompt = {}, [], [], {}
+    index, sequences, pairs = {}, [], []
     for record in read_jsonl(path, "pairs", tokenizer, config.max_prompt_tokens):
-        by_prompt.setdefault(record["prompt"], []).append(len(pairs))
         pair = []
         for completion in (record["chosen"], record["rejected"]):
             key = (record["prompt"], completion)
@@ -123,7 +122,26 @@ def load_preferences(path, tokenizer, reference, config, device, with_reference=
         pairs.append(pair)
     ref_logps = (logps_of_sequences(reference, sequences, tokenizer.eot_token, device, config.ref_batch_size)
                  if with_reference else None)
-    return Preferences(sequences, torch.tensor(pairs), [torch.tensor(v) for v in by_prompt.values()], ref_logps)
+    return Preferences(sequences, torch.tensor(pairs), ranking_groups(pairs, len(sequences)), ref_logps)
+
+
+def ranking_groups(pairs, n_sequences):
+    """Group pairs that share a sequence, directly or through other pairs (connected components):
+    the C(K,2) pairs of one ranking form one group, whatever order the file lists them in."""
+    parent = list(range(n_sequences))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for chosen, rejected in pairs:
+        parent[root(chosen)] = root(rejected)
+    groups = {}
+    for n, (chosen, _) in enumerate(pairs):
+        groups.setdefault(root(chosen), []).append(n)
+    return [torch.tensor(g) for g in groups.values()]
 
 
 def pair_batch(prefs, ids, pad_id, device):
@@ -137,11 +155,11 @@ def pair_batch(prefs, ids, pad_id, device):
     return (*(t.to(device) for t in batch), index.to(device))
 
 
-def sample_pairs(prefs, n_prompts, generator):
-    """Indices of every pair of `n_prompts` prompts drawn at random: a prompt's pairs stay together
+def sample_pairs(prefs, n_groups, generator):
+    """Indices (P,) of every pair of `n_groups` rankings drawn at random: a ranking's pairs stay together
     (InstructGPT §3.5 keeps a ranking's comparisons in one batch element, as the reward model does)."""
-    chosen = torch.randint(len(prefs.prompt_pairs), (n_prompts,), generator=generator).tolist()
-    return torch.cat([prefs.prompt_pairs[i] for i in chosen])                # (P,)
+    drawn = torch.randint(len(prefs.groups), (n_groups,), generator=generator).tolist()
+    return torch.cat([prefs.groups[i] for i in drawn])                       # (P,)
 
 
 # ---------------------------------------------------------------------------
@@ -185,14 +203,11 @@ def heldout_metrics(policy, prefs, config, pad_id, device, batch_size=256):
 
 def plot_logps_and_margins(rows, path, title):
     """The plot students ask about: log π of chosen responses may fall while the margin rises."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     panels = {"policy log-probs of the data (nats)": ("logps/chosen", "logps/rejected"),
               "implicit rewards β·log(π/π_ref)": ("rewards/chosen", "rewards/rejected", "rewards/margins")}
     panels = {title: [k for k in keys if k in rows[0]] for title, keys in panels.items()}
     panels = {title: keys for title, keys in panels.items() if keys}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    fig, axes = common.figure(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     colors = {"chosen": "tab:green", "rejected": "tab:red", "margins": "black"}
     for ax, (panel_title, keys) in zip(axes[0], panels.items()):
         for key in keys:
@@ -204,7 +219,6 @@ def plot_logps_and_margins(rows, path, title):
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------

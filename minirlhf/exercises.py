@@ -107,6 +107,14 @@ EXERCISES = (
         _L + "test_dpo_ipo_has_its_minimum_at_margin_one_over_two_beta",
         _L + "test_cdpo_and_robust_reduce_to_sigmoid_at_zero_smoothing", _L + "test_gradcheck_dpo",
         _L + "test_extreme_margins_are_finite")),
+    # Notebook exercises: practice checked by the cell after them, not graded (the grader runs the
+    # instructor's notebooks, so it could not see the student's answer).
+    Exercise("returns_to_go", "notebooks/00_rl_intro.ipynb", 1, "notebooks/00_rl_intro.ipynb", "", ()),
+    Exercise("gpt_parameter_count", "notebooks/01_tiny_gpt_and_sft.ipynb", 2, "notebooks/01_tiny_gpt_and_sft.ipynb",
+             "", ()),
+    Exercise("bayes_ceiling", "notebooks/02_reward_model.ipynb", 2, "notebooks/02_reward_model.ipynb", "", ()),
+    Exercise("per_token_rewards", "notebooks/03_ppo_rlhf.ipynb", 2, "notebooks/03_ppo_rlhf.ipynb", "", ()),
+    Exercise("dpo_pair_gradient", "notebooks/04_dpo.ipynb", 3, "notebooks/04_dpo.ipynb", "", ()),
 )
 
 HIDDEN_TESTS = {}  # exercise name -> hidden test ids; filled in the instructor's copy only

@@ -224,7 +224,8 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
     summary = {"results": results, "win_rates": {"temperatures": temperatures, **rates},
                "overoptimisation": [{k: r[k] for k in ("step", "eval/kl", "eval/gold_reward", "eval/proxy_reward")}
                                     for r in overopt],
-               "base": str(base), "fast": fast, "seed": config.seed, "total_seconds": time.perf_counter() - started}
+               "base": str(base), "fast": fast, "seed": config.seed, "n_eval": config.n_eval,
+               "total_seconds": time.perf_counter() - started}
     write_report(summary, out / "frontier.md")
     common.write_json(out / "summary.json", summary)
     return summary

@@ -18,10 +18,7 @@ def _all_points(runs):
 def plot_frontier(results, temperatures, rates, path):
     """Left: gold reward vs KL, every evaluation as a dot, each method's frontier as a line.
     Right: win rate against SFT samples vs sampling temperature."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = common.figure(1, 2, figsize=(11, 4.2))
     for method, runs in results.items():
         points = _all_points(runs)
         left.scatter([p[0] for p in points], [p[1] for p in points], s=12, alpha=0.45, color=COLOURS[method])
@@ -45,15 +42,11 @@ def plot_frontier(results, temperatures, rates, path):
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_overoptimisation(rows, path):
     """Gold and proxy reward against KL along one long PPO run without a KL penalty (Gao et al. 2022)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = common.figure(figsize=(5.5, 4))
     kls = [r["eval/kl"] for r in rows]
     ax.plot(kls, [r["eval/gold_reward"] for r in rows], "-o", ms=3, label="gold reward", color="tab:green")
     ax.set_xlabel("KL(π ‖ π_SFT), nats")
@@ -65,7 +58,6 @@ def plot_overoptimisation(rows, path):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_report(summary, path):
@@ -82,7 +74,7 @@ def write_report(summary, path):
     best = {m: [best_within(_all_points(results[m]), b) for b in KL_BUDGETS] for m in methods}
     for m in methods:
         lines.append(f"| {NAMES[m]} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in best[m]) + " |")
-    lines += ["", *comparison(best, "dpo", "ppo"), "", "## Every run", "",
+    lines += ["", *comparison(best, "dpo", "ppo", summary["n_eval"]), "", "## Every run", "",
               "| method | setting | final gold reward | final KL | train seconds |", "| --- | --- | ---: | ---: | ---: |"]
     for m in methods:
         for run in results[m]:
@@ -102,17 +94,27 @@ def write_report(summary, path):
     common.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def comparison(best, a, b):
-    """Sentences comparing two methods' frontiers at every budget where both have a point."""
+def comparison(best, a, b, n_eval):
+    """Sentences comparing two methods' frontiers at every budget where both have a point.
+
+    A gap counts only if it exceeds twice its standard error. Each point is a mean of n_eval
+    gold rewards in [0, 1], whose variance is at most g(1 − g) (Bhatia-Davis), so
+    se ≤ sqrt(g(1 − g)/n_eval): a conservative bound that needs no per-sample record.
+    """
     if a not in best or b not in best:
         return []
     pairs = [(budget, x, y) for budget, x, y in zip(KL_BUDGETS, best[a], best[b]) if x is not None and y is not None]
     if not pairs:
         return [f"{NAMES[a]} and {NAMES[b]} have no points at a common KL budget."]
-    higher = sum(x > y for _, x, y in pairs)
-    out = [f"{NAMES[a]}'s frontier is higher than {NAMES[b]}'s at {higher} of {len(pairs)} KL budgets where both "
-           "have points:"]
-    out += [f"- KL ≤ {budget:g}: {NAMES[a]} {x:.3f} vs {NAMES[b]} {y:.3f} ({x - y:+.3f})" for budget, x, y in pairs]
+    se = lambda g: (max(g * (1 - g), 0.0) / n_eval) ** 0.5
+    noise = [2 * (se(x) ** 2 + se(y) ** 2) ** 0.5 for _, x, y in pairs]
+    higher = sum(x - y > n for (_, x, y), n in zip(pairs, noise))
+    lower = sum(y - x > n for (_, x, y), n in zip(pairs, noise))
+    out = [f"Of {len(pairs)} KL budgets where both have points, {NAMES[a]}'s frontier is clearly higher at "
+           f"{higher}, clearly lower at {lower}, and within noise (gap < 2 standard errors, {n_eval} prompts "
+           f"per evaluation) at {len(pairs) - higher - lower}:"]
+    out += [f"- KL ≤ {budget:g}: {NAMES[a]} {x:.3f} vs {NAMES[b]} {y:.3f} ({x - y:+.3f}, noise ±{n:.3f})"
+            for (budget, x, y), n in zip(pairs, noise)]
     return out
 
 

@@ -114,10 +114,7 @@ def method_row(name, stages):
 
 
 def plot_gold_vs_kl(combined, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = common.figure(figsize=(5.5, 4))
     for name in METHODS:
         gold, sem, kl, _, _ = method_row(name, combined["stages"])
         ax.errorbar([kl], [gold], yerr=[sem], fmt="o", capsize=3, label=name)
@@ -128,7 +125,6 @@ def plot_gold_vs_kl(combined, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def report(combined, out):

@@ -195,16 +195,13 @@ def calibration(margins, n_bins=10):
 
 def plot_rm(rows, bins, ceiling, out_dir):
     """accuracy.png (train and held-out accuracy vs step) and calibration.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = common.figure(figsize=(5, 3.5))
     for key, label in (("accuracy", "train (batches since last log)"), ("eval/accuracy", "held-out")):
         ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], marker=".", label=label)
     ax.axhline(ceiling, color="gray", ls="--", label="bayes accuracy (ceiling)")
     ax.set(xlabel="step", ylabel="pairwise accuracy", title="Reward model accuracy")
     _save(fig, ax, out_dir / "accuracy.png")
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = common.figure(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], color="gray", ls="--", label="perfect calibration")
     largest = max(n for _, _, n in bins)
     ax.scatter([b[0] for b in bins], [b[1] for b in bins], s=[10 + 200 * n / largest for _, _, n in bins])
@@ -214,12 +211,10 @@ def plot_rm(rows, bins, ceiling, out_dir):
 
 
 def _save(fig, ax, path):
-    import matplotlib.pyplot as plt
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------

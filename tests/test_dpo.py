@@ -9,6 +9,7 @@ Smoke runs: DPO raises the margin and the gold reward of a small SFT model train
 IPO and cDPO run end to end; oracle Best-of-N beats its own unselected samples;
 Preferred-FT raises the chosen log-probs; the CLI refuses bad settings.
 """
+import collections
 import json
 import math
 
@@ -96,6 +97,10 @@ def test_deduplicated_reference_logps_equal_per_pair_ones(pipeline):
     prefs = load_preferences(pairs, tokenizer, reference, DPOConfig(), "cpu")
     records = read_jsonl(pairs, "pairs")
     assert len(prefs.pairs) == len(records) and len(prefs.sequences) < 2 * len(records)
+    # the groups partition the pairs; a ranking of K = 4 gives a group of 6 pairs over 4 sequences
+    assert sorted(torch.cat(prefs.groups).tolist()) == list(range(len(records)))
+    assert collections.Counter(len(g) for g in prefs.groups).most_common(1)[0][0] == 6
+    assert all(len(torch.unique(prefs.pairs[g])) == 4 for g in prefs.groups if len(g) == 6)
     for n in (0, 7, len(records) - 1):
         for column in (0, 1):
             example = prefs.sequences[prefs.pairs[n, column]]

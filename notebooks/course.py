@@ -1,0 +1,179 @@
+"""Plumbing shared by the course notebooks: run folders, and the stages they share.
+
+This is not course material — the RLHF logic lives in `minirlhf/` and the notebooks call
+it directly. This file only makes notebooks 01–05 agree on the settings of the stages
+they share (the SFT model, the preference data, the reward model), so that each stage is
+trained once and its run folder reused by the notebooks after it:
+
+    runs/notebooks/full/sft      notebook 01 trains it; 02, 03 and 04 reuse it
+    runs/notebooks/full/prefs    02 collects it; 03 and 04 reuse it
+    runs/notebooks/full/rm       02 trains it; 03 reuses it
+
+Every notebook still runs on its own: a missing stage is trained on the spot. A run is
+reused only if its config.json records the same settings and its inputs (the upstream run
+folders) have not been retrained since; otherwise it is trained again (`retrain=True`
+forces that). With MINIRLHF_FAST=1 the folders are under
+runs/notebooks/fast/ and every stage is tiny. MINIRLHF_NOTEBOOK_RUNS=DIR moves the
+folders (the notebook tests use a fresh temporary folder).
+"""
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+from tqdm import TqdmWarning
+
+warnings.filterwarnings("ignore", category=TqdmWarning)  # no ipywidgets: tqdm falls back to text bars
+
+from minirlhf import collect as collect_stage, reward as reward_stage  # noqa: E402
+from minirlhf.collect import CollectConfig, collect  # noqa: E402
+from minirlhf.common import apply_overrides  # noqa: E402
+from minirlhf.reward import RewardConfig, train_reward_model  # noqa: E402
+from minirlhf.sft import SFTConfig, train_sft  # noqa: E402
+
+FAST = os.environ.get("MINIRLHF_FAST") == "1"
+REPO = Path(__file__).resolve().parent.parent
+RUNS = Path(os.environ.get("MINIRLHF_NOTEBOOK_RUNS") or REPO / "runs" / "notebooks") / ("fast" if FAST else "full")
+PROGRESS = not FAST  # progress bars in full runs only (CI logs stay short)
+
+# ---------------------------------------------------------------------------
+# Settings: the kit's defaults, or its fast ones (each stage's FAST dict) with MINIRLHF_FAST=1.
+
+# SFT's fast model is smaller still: tests/helpers.py's TINY_SFT, ~4 s, mostly fluent reviews (gold ~0.45).
+TINY_SFT = dict(steps=250, n_layer=2, n_embd=48, n_head=2, eval_every=50, n_eval_samples=64, warmup_steps=10,
+                lr=5e-3, batch_size=32)
+
+
+def stage_config(config, fast_overrides, **overrides):
+    """`config` with the stage's fast overrides under MINIRLHF_FAST=1, then `overrides`."""
+    return apply_overrides(config, {**(fast_overrides if FAST else {}), **overrides})
+
+
+def sft_config():
+    return stage_config(SFTConfig(), TINY_SFT)
+
+
+def collect_config(**overrides):
+    return stage_config(CollectConfig(), collect_stage.FAST, **overrides)
+
+
+def reward_config(**overrides):
+    return stage_config(RewardConfig(), reward_stage.FAST, **overrides)
+
+
+# ---------------------------------------------------------------------------
+# Train once, reuse afterwards
+
+
+def _recorded(out_dir):
+    """The config.json of a finished run in out_dir, or None."""
+    if not (out_dir / "summary.json").exists() or not (out_dir / "config.json").exists():
+        return None
+    return json.loads((out_dir / "config.json").read_text())
+
+
+_announced = set()  # run folders whose reuse was already announced
+
+
+def run_once(train_fn, config, name, *inputs, retrain=False, **kwargs):
+    """`train_fn(config, *inputs, RUNS/name)` unless that folder holds a finished run with the
+    same config and inputs. Returns (summary dict, run folder)."""
+    out_dir = RUNS / name
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))        # as config.json stores it
+    recorded = _recorded(out_dir)
+    same = (recorded is not None and all(recorded.get(k) == v for k, v in wanted.items())
+            and (out_dir / "inputs.json").exists()
+            and json.loads((out_dir / "inputs.json").read_text()) == _fingerprints(inputs))
+    if same and not retrain:
+        if out_dir not in _announced:
+            print(f"reusing the finished run in {_short(out_dir)} (delete it, or pass retrain=True, to train again)")
+            _announced.add(out_dir)
+        return json.loads((out_dir / "summary.json").read_text()), out_dir
+    started = time.perf_counter()
+    (out_dir / "inputs.json").unlink(missing_ok=True)
+    with keep_plot_backend():
+        summary = train_fn(config, *inputs, out_dir, overwrite=True, progress=PROGRESS, **kwargs)
+    (out_dir / "inputs.json").write_text(json.dumps(_fingerprints(inputs)))
+    print(f"trained {name} in {time.perf_counter() - started:.0f} s -> {_short(out_dir)}")
+    return summary, out_dir
+
+
+def _fingerprints(inputs):
+    """Each input path with the time its run finished: a retrained upstream stage (a new
+    summary.json, or a rewritten file) makes the stages built on it train again."""
+    prints = []
+    for item in inputs:
+        path = Path(item)
+        stamp = path / "summary.json" if path.is_dir() else path
+        prints.append(f"{path}@{stamp.stat().st_mtime_ns if stamp.exists() else 0}")
+    return prints
+
+
+@contextlib.contextmanager
+def keep_plot_backend():
+    """Restore matplotlib's backend afterwards: the stages save their plots after
+    `matplotlib.use("Agg")`, which would otherwise stop a notebook from showing figures."""
+    import matplotlib
+    backend = matplotlib.get_backend()
+    try:
+        yield
+    finally:
+        if matplotlib.get_backend() != backend:
+            shell = _ipython()
+            if shell is not None and "inline" in backend:
+                shell.run_line_magic("matplotlib", "inline")   # also re-registers the PNG display of figures
+            else:
+                import matplotlib.pyplot as plt
+                plt.switch_backend(backend)
+
+
+def _ipython():
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def _short(path):
+    with contextlib.suppress(ValueError):
+        return str(Path(path).relative_to(REPO))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------
+# The shared stages
+
+
+def sft(retrain=False):
+    """The SFT model of notebook 01: (summary, run folder)."""
+    return run_once(train_sft, sft_config(), "sft", retrain=retrain)
+
+
+def preferences(retrain=False):
+    """Rankings of SFT samples by the simulated labeler (notebook 02): (summary, run folder)."""
+    _, sft_dir = sft()
+    return run_once(collect, collect_config(), "prefs", sft_dir, retrain=retrain)
+
+
+def reward_model(retrain=False):
+    """The reward model of notebook 02, trained on the pairs of `preferences`: (summary, run folder)."""
+    _, sft_dir = sft()
+    _, prefs_dir = preferences()
+    return run_once(train_reward_model, reward_config(), "rm", sft_dir, prefs_dir / "pairs.jsonl", retrain=retrain)
+
+
+def where(obj):
+    """'minirlhf/losses.py:234': the file and first line of a function or class, to open beside a notebook."""
+    obj = inspect.unwrap(obj)                       # look through decorators such as @torch.no_grad
+    path = Path(inspect.getsourcefile(obj)).resolve()
+    return f"{path.parent.name}/{path.name}:{inspect.getsourcelines(obj)[1]}"
+
+
+def read_metrics(run_dir):
+    """The rows of a run folder's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]

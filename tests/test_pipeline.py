@@ -1,0 +1,55 @@
+"""The whole pipeline (`run --fast`) and a small frontier sweep on top of it.
+
+Checks that `run` writes every stage's folder, a combined summary with the same keys for
+every method, gold_vs_kl.png and a report whose table and sentences come from the
+measured numbers; and that `frontier --from` reuses that run's models and writes its
+figures and a report that compares DPO and PPO with a noise threshold.
+"""
+import json
+
+import pytest
+
+from minirlhf import common
+from minirlhf.experiments import FAST, FrontierConfig, best_within, frontier_envelope, run_frontier
+from minirlhf.pipeline import METHODS, run_pipeline
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    return out, run_pipeline(out, fast=True, progress=False)
+
+
+def test_run_writes_every_stage_and_a_report(fast_run):
+    out, combined = fast_run
+    for stage in ("sft", "prefs", "rm", "ppo", "dpo", "preferred_ft", "best_of_n"):
+        assert (out / stage / "summary.json").exists(), stage
+    for method in METHODS:
+        stage = combined["stages"][method]
+        assert 0.0 <= stage["eval/gold_reward"] <= 1.0 and stage["wall_seconds"] > 0, method
+    assert json.loads((out / "summary.json").read_text())["stages"].keys() == combined["stages"].keys()
+    report = (out / "report.md").read_text()
+    ppo_gold = combined["stages"]["ppo"]["eval/gold_reward"]
+    assert f"| ppo | {ppo_gold:.3f}" in report                        # the table shows the measured number
+    assert "(bound)" in report and "## Samples for the same prompts" in report
+    assert (out / "gold_vs_kl.png").stat().st_size > 1000
+
+
+def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
+    base, _ = fast_run
+    config = common.apply_overrides(FrontierConfig(), {**FAST, "dpo_betas": "0.1", "ppo_kl_coefs": "0.05",
+                                                       "bon_ns": "1,2", "temperatures": "1.0",
+                                                       "overopt_iterations": 4, "ppo_gt_kl_coefs": "0.05"})
+    summary = run_frontier(config, tmp_path / "frontier", base_dir=base, fast=True, progress=False)
+    assert not (tmp_path / "frontier" / "base").exists()                  # the run's models were reused
+    assert {"dpo", "ppo", "ppo_gt", "preferred_ft", "best_of_n", "sft"} <= summary["results"].keys()
+    for name in ("frontier.png", "overoptimisation.png", "frontier.md"):
+        assert (tmp_path / "frontier" / name).exists(), name
+    report = (tmp_path / "frontier" / "frontier.md").read_text()
+    assert "within noise" in report and "Over-optimisation" in report
+
+
+def test_frontier_envelope_and_budget_by_hand():
+    points = [(0.0, 0.5), (2.0, 0.4), (1.0, 0.7), (3.0, 0.9)]
+    assert frontier_envelope(points) == [(0.0, 0.5), (1.0, 0.7), (3.0, 0.9)]
+    assert best_within(points, 2.0) == 0.7 and best_within(points, -1) is None
