@@ -42,8 +42,8 @@ from minirlhf.tokenizer import load_tokenizer
 # ---------------------------------------------------------------------------
 # Preferred-FT: the SFT loss on chosen responses, inside the DPO loop (dpo.train_dpo)
 
-# What `python -m minirlhf pft` sets on top of DPOConfig (tuned like the DPO defaults).
-PREFERRED_FT = dict(loss_type="preferred_ft", steps=60, lr=2e-4, warmup_steps=10)
+# What `python -m minirlhf pft` sets on top of DPOConfig (tuned on the draft SFT model, docs/dpo.md).
+PREFERRED_FT = dict(loss_type="preferred_ft", steps=40, lr=5e-4, warmup_steps=5)
 PREFERRED_FT_FAST = dict(steps=20, warmup_steps=5)
 
 
@@ -78,7 +78,7 @@ class BestOfNConfig:
     test_prompts: str = str(default_path("prompts_test"))  # the same prompts every method is evaluated on
     test_prefs: Optional[str] = None   # held-out pairs for the ranker's eval/reward_accuracy (None: skip)
     task: str = "reviews"              # whose gold judge scores the kept samples
-    n: int = 16                        # N: samples per prompt; the ranker keeps one
+    n: int = 4                         # N: samples per prompt; the ranker keeps one (KL bound 0.64 nats)
     ranker: str = "rm"                 # rm: the reward model given by --rm; gold: the gold judge (oracle BoN)
     temperature: float = 1.0           # sampling temperature of the SFT policy
     max_prompt_tokens: int = 16        # longer prompts are refused

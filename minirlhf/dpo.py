@@ -13,13 +13,14 @@ sampling, no RL. The variants (IPO, cDPO, robust, hinge) change only the loss of
 
 This stage trains on the same pairs.jsonl the reward model sees; the policy starts from
 the SFT model, which also serves, frozen, as π_ref. Because π_ref never changes, its
-log-probs are computed once, before training (`load_preferences`).
+log-probs are computed once, before training (`load_preferences`). A batch is a few whole
+rankings: their C(K,2) pairs cost only K sequences in the forward pass (`pair_batch`).
 
-Deliberate simplifications: batches of pairs are drawn at random each step with a
-generator that depends only on (seed, step), so --resume continues exactly; log-probs are
-summed over response tokens (DPO's sequence log-probs, no length normalisation); the
-policy stays in eval mode, so dropout (0 in the SFT model anyway) never makes log π noisy.
-The Preferred-FT baseline runs through this loop with loss_type=preferred_ft (baselines.py).
+Deliberate simplifications: rankings are drawn at random each step with a generator that
+depends only on (seed, step), so --resume continues exactly; log-probs are summed over
+response tokens (DPO's sequence log-probs, no length normalisation); the policy stays in
+eval mode, so dropout (0 in the SFT model anyway) never makes log π noisy. The
+Preferred-FT baseline runs through this loop with loss_type=preferred_ft (baselines.py).
 """
 import dataclasses
 import statistics

@@ -32,14 +32,14 @@ COLOURS = {"dpo": "tab:red", "ppo": "tab:blue", "ppo_gt": "tab:purple", "preferr
 @dataclasses.dataclass
 class FrontierConfig:
     """The sweep. Lists are comma-separated so `--set dpo_betas=0.1,1` works."""
-    dpo_betas: str = "0.03,0.1,0.3,1.0"       # DPO's β values
+    dpo_betas: str = "0.1,0.25,0.5,1.0,2.0"   # DPO's β values
     ppo_kl_coefs: str = "0.02,0.05,0.2,0.5"   # PPO's per-token KL coefficients β
     ppo_gt_kl_coefs: str = "0.05"             # PPO on the gold reward (PPO-GT)
     bon_ns: str = "1,4,16,64"                 # Best-of-N sample counts
     temperatures: str = "0.25,0.5,0.75,1.0"   # sampling temperatures for the win-rate plot
     n_eval: int = 128                         # test prompts per periodic evaluation
     ppo_eval_every: int = 10                  # PPO iterations between evaluations
-    dpo_eval_every: int = 50                  # DPO steps between evaluations
+    dpo_eval_every: int = 40                  # DPO steps between evaluations (Preferred-FT: a fifth of it)
     overopt_iterations: int = 120             # length of the no-KL PPO run (over-optimisation)
     seed: int = 0                             # seed of every run
 
@@ -75,15 +75,18 @@ def sweep_runs(config, fast):
     from minirlhf import baselines, dpo, ppo
     seed, kw = config.seed, dict(progress=False)
 
-    def stage(cls, fast_overrides, **extra):
-        base = common.apply_overrides(cls(), fast_overrides) if fast else cls()
+    def stage(cls, fast_overrides, variant=None, **extra):
+        base = common.apply_overrides(cls(), variant or {})
+        base = common.apply_overrides(base, fast_overrides) if fast else base
         return common.apply_overrides(base, {"seed": seed, **extra})
 
     runs = []
     for beta in floats(config.dpo_betas):
-        cfg = stage(dpo.DPOConfig, dpo.FAST, beta=beta, eval_every=config.dpo_eval_every, n_eval_samples=config.n_eval)
+        cfg = stage(dpo.DPOConfig, dpo.FAST, beta=beta, eval_every=config.dpo_eval_every,
+                    n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)
         runs.append(("dpo", f"β={beta:g}", lambda out, b, cfg=cfg, **more: dpo.train_dpo(cfg, b / "sft", b / "prefs" / "pairs.jsonl", out, **kw, **more)))
-    cfg = stage(dpo.DPOConfig, dpo.FAST, loss_type="preferred_ft", eval_every=config.dpo_eval_every,
+    cfg = stage(dpo.DPOConfig, {**dpo.FAST, **baselines.PREFERRED_FT_FAST}, variant=baselines.PREFERRED_FT,
+                eval_every=max(1, config.dpo_eval_every // 5), n_periodic_eval=config.n_eval,
                 n_eval_samples=config.n_eval)
     runs.append(("preferred_ft", "", lambda out, b, cfg=cfg, **more: dpo.train_dpo(
         cfg, b / "sft", b / "prefs" / "pairs.jsonl", out, stage="preferred_ft", **kw, **more)))

@@ -21,9 +21,11 @@ METHODS = ["sft", "ppo", "dpo", "preferred_ft", "best_of_n"]   # rows of the rep
 # ---------------------------------------------------------------------------
 # The stages, each a function of the run folder and the shared settings
 
-def _config(cls, fast_overrides, fast, seed, extra=None):
-    config = common.apply_overrides(cls(), fast_overrides) if fast else cls()
-    return common.apply_overrides(config, {"seed": seed, **(extra or {})})
+def _config(cls, fast_overrides, fast, seed, base=None):
+    """The stage's defaults, then `base` (a variant such as Preferred-FT), then --fast, then the seed."""
+    config = common.apply_overrides(cls(), base or {})
+    config = common.apply_overrides(config, fast_overrides) if fast else config
+    return common.apply_overrides(config, {"seed": seed})
 
 
 def stage_functions(out, fast, seed, device, progress, resume=False, overwrite=False):
@@ -49,7 +51,8 @@ def stage_functions(out, fast, seed, device, progress, resume=False, overwrite=F
         ("dpo", lambda: dpo.train_dpo(_config(dpo.DPOConfig, dpo.FAST, fast, seed), out / "sft", pairs,
                                       out / "dpo", **kw, **go_on("dpo"))),
         ("preferred_ft", lambda: dpo.train_dpo(
-            _config(dpo.DPOConfig, dpo.FAST, fast, seed, {"loss_type": "preferred_ft"}), out / "sft", pairs,
+            _config(dpo.DPOConfig, {**dpo.FAST, **baselines.PREFERRED_FT_FAST}, fast, seed, base=baselines.PREFERRED_FT),
+            out / "sft", pairs,
             out / "preferred_ft", stage="preferred_ft", **kw, **go_on("preferred_ft"))),
         ("best_of_n", lambda: baselines.run_best_of_n(
             _config(baselines.BestOfNConfig, baselines.BEST_OF_N_FAST, fast, seed), out / "sft", out / "rm",

@@ -100,7 +100,7 @@ def test_deduplicated_reference_logps_equal_per_pair_ones(pipeline):
     # the groups partition the pairs; a ranking of K = 4 gives a group of 6 pairs over 4 sequences
     assert sorted(torch.cat(prefs.groups).tolist()) == list(range(len(records)))
     assert collections.Counter(len(g) for g in prefs.groups).most_common(1)[0][0] == 6
-    assert all(len(torch.unique(prefs.pairs[g])) == 4 for g in prefs.groups if len(g) == 6)
+    assert all(len(torch.unique(prefs.pairs[g])) <= 4 for g in prefs.groups if len(g) == 6)   # ties: fewer
     for n in (0, 7, len(records) - 1):
         for column in (0, 1):
             example = prefs.sequences[prefs.pairs[n, column]]
