@@ -273,6 +273,19 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(optimizer, loss, model, grad_clip):
+    """Backpropagate `loss`, clip the global gradient norm of `model` to `grad_clip`, step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 def step_generator(seed, step):
     """A generator that depends only on (seed, step): batches are the same after a resume."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)

@@ -267,15 +267,11 @@ def train_dpo(config, sft_dir, prefs_path, out_dir, device="cpu", resume=False, 
     with common.GracefulStop() as stop:
         for step in bar:
             lr = common.cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            common.set_lr(optimizer, lr)
             ids = sample_pairs(train, config.batch_size, common.step_generator(config.seed, step))  # (P,)
             loss, metrics = batch_loss(policy, train, ids, config, pad, device)
             common.check_finite(loss, step, out_dir)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
-            optimizer.step()
+            common.optimizer_step(optimizer, loss, policy, config.grad_clip)
             window.append(metrics)
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "sft/tokens"}, refresh=False)
             done = step + 1

@@ -273,16 +273,12 @@ def train_reward_model(config, sft_dir, prefs_path, out_dir, device="cpu", resum
     with common.GracefulStop() as stop:
         for step in bar:
             lr = common.cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            common.set_lr(optimizer, lr)
             ids = torch.randint(len(train), (config.batch_size,), generator=common.step_generator(config.seed, step))
             rewards = score_records(model, [train[i] for i in ids.tolist()], tokenizer, config, device)  # (B, K)
             loss, metrics = preference_loss(rewards, config.loss)
             common.check_finite(loss, step, out_dir)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            common.optimizer_step(optimizer, loss, model, config.grad_clip)
             window.append(metrics)
             bar.set_postfix(loss=f"{metrics['loss/rm']:.3f}", acc=f"{metrics['accuracy']:.2f}")
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:

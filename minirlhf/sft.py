@@ -134,17 +134,13 @@ def train_sft(config, out_dir, device="cpu", resume=False, overwrite=False, prog
         for step in bar:
             t0 = time.perf_counter()
             lr = common.cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            common.set_lr(optimizer, lr)
             ids = torch.randint(len(train), (config.batch_size,), generator=common.step_generator(config.seed, step))
             batch = completion_batch([train[i] for i in ids.tolist()], pad)
             inputs, input_mask, targets, loss_mask = (t.to(device) for t in shift_for_loss(*batch))
             loss, metrics = sft_loss(model(inputs, input_mask), targets, loss_mask)
             common.check_finite(loss, step + 1, out_dir)    # steps are counted from 1, as in metrics.jsonl
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            common.optimizer_step(optimizer, loss, model, config.grad_clip)
             train_time += time.perf_counter() - t0
             tokens_seen += int(input_mask.sum())
             bar.set_postfix(loss=f"{metrics['loss/sft']:.3f}", lr=f"{lr:.1e}")

@@ -4,7 +4,7 @@ Byte-pair encoding (Sennrich et al. 2016; byte-level as in GPT-2, Radford et al.
 starts from the 256 byte values and repeatedly merges the most frequent adjacent pair
 into a new token. The ranks (token bytes -> id, in merge order) are saved in tiktoken's
 file format, one `base64(token) rank` per line, so that the fast `tiktoken.Encoding`
-serves them. Nothing touches the network: there is no `tiktoken.get_encoding("gpt2")`.
+serves them. Nothing touches the network: no pretrained encoding is downloaded.
 
 Deliberate simplifications: the trainer counts pre-tokenized pieces (words with their
 leading space) and merges within pieces only, which is what GPT-2's regex split implies;
