@@ -210,9 +210,11 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
     overopt_dir = out / "runs" / "ppo_overoptimisation"
     if not (resume and (overopt_dir / "summary.json").exists()):
         base_cfg = common.apply_overrides(ppo.PPOConfig(), ppo.FAST) if fast else ppo.PPOConfig()
-        cfg = common.apply_overrides(base_cfg, dict(seed=config.seed, kl_coef=0.0, lr=5e-4,
+        # evaluated twice as often as the sweep's runs: the gold reward peaks early
+        cfg = common.apply_overrides(base_cfg, dict(seed=config.seed, kl_coef=0.0,
                                                     iterations=config.overopt_iterations,
-                                                    eval_every=config.ppo_eval_every, n_periodic_eval=config.n_eval,
+                                                    eval_every=max(1, config.ppo_eval_every // 2),
+                                                    n_periodic_eval=config.n_eval,
                                                     n_eval_samples=config.n_eval))
         ppo.train_ppo(cfg, base / "sft", base / "rm", overopt_dir, progress=False, overwrite=overwrite,
                       resume=resume and (overopt_dir / "checkpoint.pt").exists())
