@@ -15,14 +15,11 @@ import math
 import pytest
 import torch
 
+from helpers import tiny_sft_dir
 from minirlhf.collect import CollectConfig, collect, label_agreement, pairs_of_ranking, plackett_luce_ranking
 from minirlhf.common import apply_overrides
 from minirlhf.data import read_jsonl
-from minirlhf.sft import SFTConfig, train_sft
 from minirlhf.tasks import get_task
-
-TINY_SFT = dict(steps=40, n_layer=1, n_embd=32, n_head=2, eval_every=20, n_eval_samples=16, warmup_steps=5,
-                lr=5e-3, batch_size=32)
 
 
 # ---------------------------------------------------------------------------
@@ -78,11 +75,9 @@ def test_plackett_luce_first_place_follows_softmax():
 
 @pytest.fixture(scope="module")
 def perfect_labels(tmp_path_factory):
-    sft_dir = tmp_path_factory.mktemp("sft")
-    train_sft(apply_overrides(SFTConfig(), TINY_SFT), sft_dir, progress=False)
-    out = tmp_path_factory.mktemp("prefs")
+    out = tmp_path_factory.mktemp("prefs")   # the session's tiny SFT model: any sampler will do here
     config = apply_overrides(CollectConfig(), dict(n_prompts=40, k=3, labeler_temperature=0.0))
-    return out, config, collect(config, sft_dir, out, progress=False)
+    return out, config, collect(config, tiny_sft_dir(), out, progress=False)
 
 
 def test_zero_temperature_labels_agree_with_gold(perfect_labels):

@@ -75,7 +75,7 @@ def test_training_batch_at_initialisation(pipeline, loss_type, expected):
     loss, metrics = dpo_batch_loss(policy, prefs, torch.arange(0, 64, 3), config, tokenizer.eot_token, "cpu")
     assert loss.item() == pytest.approx(expected, abs=1e-4)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-        assert metrics[key] == pytest.approx(0.0, abs=1e-4), key
+        assert metrics[key] == pytest.approx(0.0, abs=1e-4), f"{key} at initialisation"
     assert metrics["logps/chosen"] < 0 and metrics["logps/rejected"] < 0
 
 
@@ -122,7 +122,7 @@ def test_best_of_one_is_sft_sampling(pipeline, tmp_path):
     config = apply_overrides(BestOfNConfig(), {"n": 1, "n_eval_samples": N_GOLD})
     summary = run_best_of_n(config, sft_dir, rm_dir, tmp_path / "bon", progress=False)
     for key in ("eval/gold_reward", "eval/length", "eval/eos_rate"):
-        assert summary[key] == sft_eval[key], key
+        assert summary[key] == sft_eval[key], f"{key} differs from SFT sampling"
     assert summary["eval/kl"] == 0.0 and summary["eval/kl_is_analytic_bound"] is True
     assert "eval/proxy_reward" in summary
 
@@ -169,7 +169,7 @@ def test_dpo_raises_the_margin_and_the_gold_reward(pipeline, dpo_run):
     assert summary["eval/gold_reward"] > sft_eval["eval/gold_reward"] + 0.06
     assert 0 < summary["eval/kl"] < 10
     for name in ("config.json", "metrics.jsonl", "summary.json", "model.pt", "loss.png", "logps_and_margins.png"):
-        assert (out / name).exists(), name
+        assert (out / name).exists(), f"{name} missing"
     assert not (out / "checkpoint.pt").exists()
     assert load_gpt(out).config == load_gpt(pipeline[0]).config
 
@@ -179,7 +179,7 @@ def test_variants_run_end_to_end(pipeline, tmp_path, overrides):
     sft_dir, pairs, _ = pipeline
     summary = train_dpo(apply_overrides(DPOConfig(), {**QUICK, **overrides}), sft_dir, pairs, tmp_path, progress=False)
     for key in ("eval/gold_reward", "eval/kl", "eval/reward_accuracy", "eval/samples", "train/seconds"):
-        assert key in summary, key
+        assert key in summary, f"{key} missing from summary"
     assert math.isfinite(summary["eval/loss"])
 
 

@@ -75,7 +75,7 @@ def restore(kit, names):
         solution = "".join(source.splitlines(keepends=True)[first:last + 1])
         stub = exercises.stub_line(indent, e.name, "") + "\n"
         text = (kit / e.file).read_text()
-        assert text.count(stub) == 1, e.name
+        assert text.count(stub) == 1, f"{e.name}: expected one stub"
         (kit / e.file).write_text(text.replace(stub, solution))
 
 
@@ -101,20 +101,20 @@ def test_exercise_list_matches_solution_regions_checks_and_tests():
     assert len({e.name for e in EXERCISES}) == len(EXERCISES)
     have_notebooks, defined = any((REPO / "notebooks").glob("*.ipynb")), {}
     for e in EXERCISES:
-        assert e.difficulty in (1, 2, 3), e.name
-        assert e.notebook.startswith("notebooks/") and e.notebook.endswith(".ipynb"), e.name
+        assert e.difficulty in (1, 2, 3), f"{e.name}"
+        assert e.notebook.startswith("notebooks/") and e.notebook.endswith(".ipynb"), f"{e.name}"
         assert not have_notebooks or (REPO / e.notebook).exists(), f"{e.name}: no {e.notebook}"
         if e.file.endswith(".ipynb"):   # notebook practice: checked by the next cell, not graded
-            assert e.file == e.notebook and not e.check and not exercises.test_ids(e), e.name
+            assert e.file == e.notebook and not e.check and not exercises.test_ids(e), f"{e.name}"
             continue
-        assert callable(getattr(checks, e.check)), e.name
+        assert callable(getattr(checks, e.check)), f"{e.name}"
         assert exercises.test_ids(e), f"{e.name} has no tests"
         for test_id in exercises.test_ids(e):
             path, name = test_id.split("::")
             if path not in defined:
                 tree = ast.parse((REPO / path).read_text())
                 defined[path] = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-            assert name in defined[path], test_id
+            assert name in defined[path], f"{test_id}"
 
 
 def test_instructor_guide_shows_the_generated_exercise_table():
@@ -203,9 +203,9 @@ def test_student_copy_has_no_solution_text_and_no_markers(kit):
     kit_texts = texts(kit)
     for rel, text in kit_texts.items():
         lines = {line.strip() for line in text.splitlines()}
-        assert not secret & lines, rel   # whole lines: "return rewards" must not match "return rewards.view(...)"
-        assert not [line for line in text.splitlines() if line.strip() in MARKERS], rel
-        assert "def test_hidden_" not in text, rel
+        assert not secret & lines, f"{rel}"   # whole lines: "return rewards" must not match "return rewards.view(...)"
+        assert not [line for line in text.splitlines() if line.strip() in MARKERS], f"{rel}"
+        assert "def test_hidden_" not in text, f"{rel}"
     files = set(kit_texts)
     assert not set(exercises.INSTRUCTOR_ONLY) & files
     assert not [f for f in files if {".git", "runs", "__pycache__", ".venv"} & set(f.split("/"))]
@@ -217,7 +217,7 @@ def test_student_copy_has_no_solution_text_and_no_markers(kit):
     readme = kit_texts["README.md"]
     assert exercises.exercise_table() in readme and "python -m pytest --exercise" in readme
     for e in EXERCISES:
-        assert kit_texts[e.file].count(exercises.stub_line("", e.name, "").strip()) == 1, e.name
+        assert kit_texts[e.file].count(exercises.stub_line("", e.name, "").strip()) == 1, f"{e.name}"
 
 
 def test_make_student_refuses_non_empty_folders_and_student_copies(kit, tmp_path):
@@ -239,13 +239,13 @@ def test_student_pytest_fails_exactly_the_exercise_tests(kit, tmp_path):
     outcomes, messages = report["outcomes"], report["messages"]
     assert not report["collection_errors"]
     exercise_tests = {n for n in outcomes if exercises.exercises_of(n)}
-    assert {n for n, o in outcomes.items() if o == "failed"} == exercise_tests, run.stdout[-3000:]
+    assert {n for n, o in outcomes.items() if o == "failed"} == exercise_tests, f"pytest output:\n{run.stdout[-3000:]}"
     for nodeid in exercise_tests:
-        assert "NotImplementedError: Exercise: " in messages[nodeid], nodeid
+        assert "NotImplementedError: Exercise: " in messages[nodeid], f"{nodeid}"
     skipped = [n for n, o in outcomes.items() if o == "skipped"]
     assert any(n.startswith("tests/test_sft.py") for n in skipped)
     for nodeid in skipped:
-        assert "needs exercise " in messages[nodeid], nodeid
+        assert "needs exercise " in messages[nodeid], f"{nodeid}"
     assert sum(o == "passed" for o in outcomes.values()) > 20
 
 
@@ -266,7 +266,7 @@ def test_round_trip_solutions_pass_the_tests_in_the_student_copy(kit, tmp_path):
     shutil.copytree(kit, copy)
     restore(copy, {e.name for e in EXERCISES})
     run = run_pytest(copy, "-x", *RUN_FILES)
-    assert run.returncode == 0, run.stdout[-3000:]
+    assert run.returncode == 0, f"pytest output:\n{run.stdout[-3000:]}"
 
 
 def test_grade_scores_a_half_finished_copy(kit, tmp_path):
@@ -288,7 +288,7 @@ def test_grade_scores_a_half_finished_copy(kit, tmp_path):
 
 def test_pytest_exercise_option_selects_one_exercise():
     run = run_pytest(REPO, "--exercise", "gae", "tests/test_losses.py")
-    assert run.returncode == 0 and "8 passed" in run.stdout and "deselected" in run.stdout, run.stdout
+    assert run.returncode == 0 and "8 passed" in run.stdout and "deselected" in run.stdout, f"pytest output:\n{run.stdout}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def test_check_passes_the_solution_and_fails_a_wrong_function(check, capsys):
     assert capsys.readouterr().out.startswith("✓ ")
     assert getattr(checks, check)(wrong) is False
     out = capsys.readouterr().out
-    assert out.startswith("✗ ") and "expected:" in out and "got:" in out, out
+    assert out.startswith("✗ ") and "expected:" in out and "got:" in out, f"check printed: {out}"
 
 
 def test_check_reports_an_unfinished_exercise(capsys):

@@ -278,7 +278,7 @@ def test_kl_estimators_k1_and_k3_are_unbiased():
     for estimator in ("k1", "k3"):
         estimates = kl_penalty(logprobs, ref_logprobs, estimator)
         standard_error = estimates.std().item() / math.sqrt(n)
-        assert abs(estimates.mean().item() - exact_kl) < 4 * standard_error, estimator
+        assert abs(estimates.mean().item() - exact_kl) < 4 * standard_error, f"{estimator}"
     # k2 is biased: its mean is far from the KL by many standard errors.
     k2 = kl_penalty(logprobs, ref_logprobs, "k2")
     assert abs(k2.mean().item() - exact_kl) > 10 * k2.std().item() / math.sqrt(n)
@@ -351,8 +351,8 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected():
                            torch.tensor([-4.0, -5.0]), beta=0.1, loss_type=loss_type)
         loss.backward()
         # Gradient descent moves against the gradient: up for chosen, down for rejected.
-        assert (chosen.grad < 0).all(), loss_type
-        assert (rejected.grad > 0).all(), loss_type
+        assert (chosen.grad < 0).all(), f"{loss_type}"
+        assert (rejected.grad > 0).all(), f"{loss_type}"
 
 
 def test_dpo_ipo_has_its_minimum_at_margin_one_over_two_beta():
@@ -546,9 +546,9 @@ def test_gradcheck_k3_near_zero():
 
 def _assert_finite(loss, *inputs):
     loss.backward()
-    assert torch.isfinite(loss), loss
+    assert torch.isfinite(loss), f"{loss}"
     for tensor in inputs:
-        assert torch.isfinite(tensor.grad).all(), tensor.grad
+        assert torch.isfinite(tensor.grad).all(), f"{tensor.grad}"
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

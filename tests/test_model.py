@@ -151,7 +151,7 @@ def test_cached_and_uncached_sampling_agree_with_eos():
     runs = [model.generate(idx, mask, max_new_tokens=12, eos_token_id=EOS, use_cache=c,
                            generator=torch.Generator().manual_seed(0)) for c in (True, False)]
     for field in ("tokens", "attention_mask", "response_mask", "finished"):
-        assert torch.equal(getattr(runs[0], field), getattr(runs[1], field)), field
+        assert torch.equal(getattr(runs[0], field), getattr(runs[1], field)), f"{field}"
 
 
 # ---------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def test_from_gpt_copies_the_trunk_and_the_copy_is_independent():
     idx, mask = left_pad([[3, 4, 5], [9]])
     torch.testing.assert_close(model.trunk.hidden_states(idx, mask), gpt.hidden_states(idx, mask))
     for (name, p), q in zip(gpt.named_parameters(), model.trunk.parameters()):
-        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), f"{name}"
     with torch.no_grad():
         gpt.wte.weight.add_(1.0)
     assert not torch.equal(gpt.wte.weight, model.trunk.wte.weight)

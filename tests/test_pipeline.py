@@ -23,10 +23,10 @@ def fast_run(tmp_path_factory):
 def test_run_writes_every_stage_and_a_report(fast_run):
     out, combined = fast_run
     for stage in ("sft", "prefs", "rm", "ppo", "dpo", "preferred_ft", "best_of_n"):
-        assert (out / stage / "summary.json").exists(), stage
+        assert (out / stage / "summary.json").exists(), f"{stage}"
     for method in METHODS:
         stage = combined["stages"][method]
-        assert 0.0 <= stage["eval/gold_reward"] <= 1.0 and stage["wall_seconds"] > 0, method
+        assert 0.0 <= stage["eval/gold_reward"] <= 1.0 and stage["wall_seconds"] > 0, f"{method}"
     assert json.loads((out / "summary.json").read_text())["stages"].keys() == combined["stages"].keys()
     report = (out / "report.md").read_text()
     ppo_gold = combined["stages"]["ppo"]["eval/gold_reward"]
@@ -44,7 +44,7 @@ def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
     assert not (tmp_path / "frontier" / "base").exists()                  # the run's models were reused
     assert {"dpo", "ppo", "ppo_gt", "preferred_ft", "best_of_n", "sft"} <= summary["results"].keys()
     for name in ("frontier.png", "overoptimisation.png", "frontier.md"):
-        assert (tmp_path / "frontier" / name).exists(), name
+        assert (tmp_path / "frontier" / name).exists(), f"{name}"
     report = (tmp_path / "frontier" / "frontier.md").read_text()
     assert "within noise" in report and "Over-optimisation" in report
 

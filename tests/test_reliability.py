@@ -80,7 +80,7 @@ def cli(capsys, *argv):
 def one_line(err):
     """The error output must be exactly one line, with no traceback."""
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
+    assert len(lines) == 1 and "Traceback" not in err, f"{err}"
     return lines[0]
 
 
@@ -391,7 +391,7 @@ def test_sft_killed_by_sigterm_or_ctrl_c_resumes_to_the_same_summary(files, tmp_
     for sig, proc in runs.items():
         _, err = proc.communicate(timeout=60)
         out = tmp_path / sig.name
-        assert proc.returncode == 130, err
+        assert proc.returncode == 130, f"{err}"
         assert "--resume" in one_line(err)
         assert (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
         stopped_at = common.load_torch(out / "checkpoint.pt")["step"]
@@ -399,7 +399,7 @@ def test_sft_killed_by_sigterm_or_ctrl_c_resumes_to_the_same_summary(files, tmp_
         code, _, _ = cli(capsys, "sft", "--out", out, *flags, "--resume")
         assert code == 0
         resumed = json.loads((out / "summary.json").read_text())
-        assert comparable(resumed) == comparable(whole), sig.name
+        assert comparable(resumed) == comparable(whole), f"{sig.name}"
         assert not (out / "checkpoint.pt").exists()
 
 
@@ -518,7 +518,7 @@ def test_torch_load_is_called_once_with_weights_only():
         else:
             source = path.read_text()
         calls += [(path.relative_to(ROOT).as_posix(), line, kw) for line, kw in _torch_load_calls(source)]
-    assert [(name, kw.get("weights_only")) for name, _, kw in calls] == [("minirlhf/common.py", "True")], calls
+    assert [(name, kw.get("weights_only")) for name, _, kw in calls] == [("minirlhf/common.py", "True")], f"{calls}"
 
 
 class _Payload:

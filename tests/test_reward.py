@@ -167,7 +167,7 @@ def test_small_run_beats_chance_and_writes_its_folder(small_run):
     assert summary["eval/gold_corr"] > 0.4
     for name in ("config.json", "metrics.jsonl", "summary.json", "model.pt", "accuracy.png", "calibration.png",
                  "norm_samples.jsonl"):
-        assert (out / name).exists(), name
+        assert (out / name).exists(), f"{name}"
     assert not (out / "checkpoint.pt").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval/loss"] < math.log(2) and rows[-1]["eval/loss"] == pytest.approx(summary["eval/loss"])
@@ -200,7 +200,7 @@ def test_ranking_on_two_completions_trains_like_pairwise(prefs, tmp_path):
                                     tmp_path / name, tmp_path / loss, progress=False)
                  for loss, name in (("ranking", "rankings.jsonl"), ("pairwise", "pairs.jsonl"))]
     for key in ("eval/accuracy", "eval/loss", "eval/gold_corr", "rm/gain", "rm/bias"):
-        assert summaries[0][key] == pytest.approx(summaries[1][key], rel=1e-4, abs=1e-5), key
+        assert summaries[0][key] == pytest.approx(summaries[1][key], rel=1e-4, abs=1e-5), f"{key}"
 
 
 def test_interrupted_run_resumes_to_the_same_result(prefs, tmp_path, monkeypatch):

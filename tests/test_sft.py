@@ -27,7 +27,7 @@ def test_loss_goes_down_and_folder_is_complete(tiny_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval/loss"] < rows[0]["eval/loss"] < 6.3        # log(503) = 6.22 at chance
     for name in ("config.json", "metrics.jsonl", "summary.json", "model.pt", "loss.png"):
-        assert (out / name).exists(), name
+        assert (out / name).exists(), f"{name}"
     assert not (out / "checkpoint.pt").exists()
     for key in ("eval/loss", "eval/gold_reward", "train/tokens_per_s"):
         assert key in summary

@@ -74,7 +74,7 @@ def test_data_regenerates_byte_identically(tmp_path):
     from minirlhf.data import DATA_DIR
     paths = reviews.write_datasets(tmp_path, seed=0)
     for name, path in paths.items():
-        assert filecmp.cmp(path, DATA_DIR / f"{name}.jsonl", shallow=False), name
+        assert filecmp.cmp(path, DATA_DIR / f"{name}.jsonl", shallow=False), f"{name}"
 
 
 def test_unknown_task_lists_known_ones():
