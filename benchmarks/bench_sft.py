@@ -11,6 +11,7 @@ numbers are measured here, on this machine, so the ratio travels between machine
 Run: python benchmarks/bench_sft.py   (on an otherwise idle machine: two torch processes
 sharing 2 cores slow each other down many times over)
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from minirlhf import common  # noqa: E402
 from minirlhf.data import completion_batch, shift_for_loss  # noqa: E402
 from minirlhf.losses import sft_loss  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
-from minirlhf.sft import SFTConfig, load_examples  # noqa: E402
+from minirlhf.sft import BatchSchedule, SFTConfig, load_examples  # noqa: E402
 from minirlhf.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -47,35 +48,41 @@ def sft_throughput(config, steps=30):
     model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=config.block_size, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd))
     optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
-    tokens, elapsed = 0, 0.0
+    schedule = BatchSchedule([len(ids) for ids, _ in examples], config.batch_size, 0, config.bucket_by_length)
+    tokens, positions, elapsed = 0, 0, 0.0
     for step in range(steps + 5):
-        ids = torch.randint(len(examples), (config.batch_size,), generator=common.step_generator(0, step))
         inputs, input_mask, targets, loss_mask = shift_for_loss(
-            *completion_batch([examples[i] for i in ids.tolist()], tokenizer.eot_token))
+            *completion_batch([examples[i] for i in schedule(step)], tokenizer.eot_token))
         start = time.perf_counter()
         loss, _ = sft_loss(model(inputs, input_mask), targets, loss_mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        common.optimizer_step(optimizer, loss, model, config.grad_clip)
         if step >= 5:                      # the first steps warm up the allocator and kernels
             elapsed += time.perf_counter() - start
             tokens += int(input_mask.sum())
+            positions += input_mask.numel()
     n_params = model.num_params()
-    return tokens / elapsed, 6 * n_params * tokens / elapsed, n_params
+    return tokens / elapsed, 6 * n_params * tokens / elapsed, n_params, 1 - tokens / positions
 
 
 def main():
-    config = SFTConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="SFTConfig overrides for an extra row, e.g. --set n_layer=2 n_embd=256 n_head=8")
+    args = parser.parse_args()
+    default = SFTConfig()
+    rows = [("default", default), ("default, bucket_by_length=false",
+                                   common.apply_overrides(default, {"bucket_by_length": "false"}))]
+    if args.set:
+        rows.append((" ".join(args.set), common.apply_overrides(default, args.set)))
     peak = matmul_flops()
-    tok_s, flops, n_params = sft_throughput(config)
-    print(f"{torch.get_num_threads()} threads; SFT default config: {config.n_layer} layers, width {config.n_embd}, "
-          f"{n_params / 1e6:.2f}M params, batch {config.batch_size}\n")
-    print("| measurement | value |")
-    print("| --- | ---: |")
-    print(f"| fp32 matmul 1024³ (best) | {peak / 1e9:,.1f} GFLOP/s |")
-    print(f"| SFT training | {tok_s:,.0f} tokens/s |")
-    print(f"| SFT training, 6·N·tokens | {flops / 1e9:,.1f} GFLOP/s |")
-    print(f"| SFT / matmul | {flops / peak:.0%} |")
+    print(f"{torch.get_num_threads()} threads; fp32 matmul 1024³ (best): {peak / 1e9:,.1f} GFLOP/s\n")
+    print("| SFT config | params N | padding | tokens/s | GFLOP/s by 6·N | SFT / matmul |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, config in rows:
+        tok_s, flops, n_params, padding = sft_throughput(config)
+        shape = f"{config.n_layer}×{config.n_embd}"
+        print(f"| {name} ({shape}) | {n_params / 1e6:.2f}M | {padding:.0%} | {tok_s:,.0f} | {flops / 1e9:,.1f} | "
+              f"{flops / peak:.0%} |")
 
 
 if __name__ == "__main__":

@@ -168,6 +168,24 @@ def shift_for_loss(tokens, attention_mask, response_mask):
     return tokens[:, :-1], attention_mask[:, :-1], tokens[:, 1:], response_mask[:, 1:]
 
 
+def length_bucketed_batches(lengths, batch_size, generator, pool=32):
+    """One epoch of index batches whose members have similar lengths.
+
+    The examples are shuffled, cut into pools of `pool * batch_size`, each pool is sorted
+    by length and cut into batches, and the batches are shuffled. A batch then pads to
+    almost nothing (a random batch of our demonstrations is ~40 % padding), while the
+    epoch still visits every example once and each batch still draws from a random pool
+    (the "bucketing" of fairseq and tensor2tensor). The last batch may be smaller.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    size = pool * batch_size
+    out = []
+    for start in range(0, len(order), size):
+        pooled = sorted(order[start:start + size], key=lambda i: lengths[i])   # stable: ties keep the shuffle
+        out += [pooled[i:i + batch_size] for i in range(0, len(pooled), batch_size)]
+    return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+
+
 def batches(n, batch_size, generator=None, shuffle=True):
     """Index lists covering range(n) in (shuffled) batches; the last one may be smaller."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)

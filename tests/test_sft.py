@@ -5,10 +5,12 @@ Tiny configs keep each run to a few seconds; `python -m minirlhf sft` trains the
 import json
 
 import pytest
+import torch
 
 from minirlhf.checkpoints import load_gpt
 from minirlhf.common import ConfigError, apply_overrides
-from minirlhf.sft import SFTConfig, train_sft
+from minirlhf.data import length_bucketed_batches
+from minirlhf.sft import BatchSchedule, SFTConfig, train_sft
 
 TINY = dict(steps=40, n_layer=1, n_embd=32, n_head=2, eval_every=20, n_eval_samples=16, warmup_steps=5,
             lr=5e-3, batch_size=32)
@@ -63,3 +65,28 @@ def test_unknown_and_impossible_settings_are_refused():
     with pytest.raises(ConfigError, match="lr must be positive"):
         apply_overrides(SFTConfig(), ["lr=-1"]).validate()
     assert apply_overrides(SFTConfig(), ["lr=0.01", "steps=5"]).steps == 5
+
+
+def test_bucketed_epoch_visits_every_example_once_with_little_padding():
+    lengths = [int(x) for x in torch.randint(5, 41, (1000,), generator=torch.Generator().manual_seed(0))]
+    epoch = length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(1))
+    assert sorted(i for batch in epoch for i in batch) == list(range(1000)), "an epoch must visit each example once"
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in epoch)
+    padding = 1 - sum(lengths) / padded
+    assert padding < 0.05, f"bucketed batches should be almost unpadded, got {padding:.1%} padding"
+    random_batches = [range(i, min(i + 32, 1000)) for i in range(0, 1000, 32)]   # i.i.d. lengths: random batches
+    random_padding = 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in random_batches)
+    assert random_padding > 0.3, f"the comparison needs random batches to be padded, got {random_padding:.1%}"
+
+
+def test_batch_schedule_depends_only_on_seed_and_step():
+    lengths = list(range(3, 50)) * 7
+    first, second = BatchSchedule(lengths, 16, seed=3), BatchSchedule(lengths, 16, seed=3)
+    later = [second(step) for step in (45, 3, 70)]                 # a resumed run asks for later steps first
+    assert later == [first(step) for step in (45, 3, 70)], "the same (seed, step) must give the same batch"
+    assert BatchSchedule(lengths, 16, seed=4)(0) != first(0), "another seed should give another order"
+    per_epoch = len(first.epochs[0])
+    assert first(0) != first(per_epoch), "epochs must be shuffled afresh"
+    unbucketed = BatchSchedule(lengths, 16, seed=3, bucket_by_length=False)
+    assert unbucketed(5) == BatchSchedule(lengths, 16, seed=3, bucket_by_length=False)(5), "uniform batches too"
+    assert len(unbucketed(5)) == 16, f"uniform batches hold batch_size examples, got {len(unbucketed(5))}"
