@@ -138,8 +138,8 @@ def rm_flags(p):
     add_stage_flags(p)
     p.add_argument("--sft", required=True, help="the SFT run folder whose model starts the reward model")
     p.add_argument("--prefs", "--data", dest="prefs", required=True,
-                   help="pairs.jsonl or rankings.jsonl from `collect` (held out: the sibling *_test.jsonl, "
-                        "or --set test_prefs=PATH)")
+                   help="rankings.jsonl (the default loss=ranking) or pairs.jsonl (loss=pairwise) from `collect` "
+                        "(held out: the sibling *_test.jsonl, or --set test_prefs=PATH)")
 
 
 def cmd_ppo(args):

@@ -39,7 +39,7 @@ class CollectConfig:
     task: str = "reviews"              # whose gold judge the labeler follows
     n_prompts: int = 1000              # prompts to label (train + held-out)
     test_fraction: float = 0.1         # share of prompts held out for reward-model evaluation
-    k: int = 4                         # completions sampled per prompt (InstructGPT: 4 to 9)
+    k: int = 8                         # completions sampled per prompt (InstructGPT: 4 to 9)
     sample_temperature: float = 1.0    # sampling temperature of the SFT policy
     labeler_temperature: float = 0.1   # Plackett-Luce noise τ; 0 ranks exactly by gold
     max_new_tokens: int = 48           # completion length limit

@@ -37,6 +37,10 @@ def stage_functions(out, fast, seed, device, progress, resume=False, overwrite=F
     kw = dict(device=device, progress=progress, overwrite=overwrite)
     pairs = out / "prefs" / "pairs.jsonl"
 
+    def train_rm(config):     # the K-wise loss reads rankings.jsonl, Bradley-Terry pairs.jsonl
+        return reward.train_reward_model(config, out / "sft", reward.preferences_file(out / "prefs", config.loss),
+                                         out / "rm", **kw, **go_on("rm"))
+
     def go_on(name):          # --resume for the training stages (collect and Best-of-N keep no checkpoint)
         return dict(resume=resume and (out / name / "checkpoint.pt").exists())
 
@@ -44,8 +48,7 @@ def stage_functions(out, fast, seed, device, progress, resume=False, overwrite=F
         ("sft", lambda: sft.train_sft(_config(sft.SFTConfig, sft.FAST, fast, seed), out / "sft", **kw, **go_on("sft"))),
         ("prefs", lambda: collect.collect(_config(collect.CollectConfig, collect.FAST, fast, seed), out / "sft",
                                           out / "prefs", **kw)),
-        ("rm", lambda: reward.train_reward_model(_config(reward.RewardConfig, reward.FAST, fast, seed), out / "sft",
-                                                 pairs, out / "rm", **kw, **go_on("rm"))),
+        ("rm", lambda: train_rm(_config(reward.RewardConfig, reward.FAST, fast, seed))),
         ("ppo", lambda: ppo.train_ppo(_config(ppo.PPOConfig, ppo.FAST, fast, seed), out / "sft", out / "rm",
                                       out / "ppo", **kw, **go_on("ppo"))),
         ("dpo", lambda: dpo.train_dpo(_config(dpo.DPOConfig, dpo.FAST, fast, seed), out / "sft", pairs,

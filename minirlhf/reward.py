@@ -49,11 +49,11 @@ LOSSES = ("pairwise", "ranking")
 @dataclasses.dataclass
 class RewardConfig:
     """Train a reward model on preferences. Defaults train in well under a minute on 2 cores."""
-    loss: str = "pairwise"            # "pairwise" (Bradley-Terry on pairs) or "ranking" (K-wise, InstructGPT)
+    loss: str = "ranking"             # "ranking" (K-wise, InstructGPT: rankings.jsonl) or "pairwise" (Bradley-Terry: pairs.jsonl)
     test_prefs: Optional[str] = None  # held-out preferences; None: the sibling *_test.jsonl of --prefs
     task: str = "reviews"             # whose gold judge gives eval/bayes_accuracy and eval/gold_corr
-    steps: int = 400                  # optimiser steps (defaults: about 1.2 passes over collect's 5400 pairs)
-    batch_size: int = 16              # pairs per step (pairwise) or rankings per step (ranking)
+    steps: int = 300                  # optimiser steps (defaults: about 2.7 passes over collect's 900 rankings)
+    batch_size: int = 8               # rankings per step (ranking: K=8 gives 28 pairs each) or pairs per step (pairwise)
     lr: float = 1e-3                  # peak learning rate (AdamW)
     warmup_steps: int = 20            # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.1         # the cosine decays to lr * min_lr_ratio
@@ -75,11 +75,17 @@ class RewardConfig:
         common.require(self.n_norm_prompts >= 2, "n_norm_prompts must be at least 2 (a std needs two samples)")
 
 
-FAST = dict(steps=60, batch_size=16, eval_every=20, warmup_steps=6, lr=1e-3, n_norm_prompts=64)
+FAST = dict(steps=60, batch_size=8, eval_every=20, warmup_steps=6, lr=1e-3, n_norm_prompts=64)
 
 
 # ---------------------------------------------------------------------------
 # Preference data
+
+def preferences_file(prefs_dir, loss):
+    """The file of a `collect` folder that `loss` trains on: rankings.jsonl for the K-wise
+    loss (all pairs of a ranking in one batch element), pairs.jsonl for Bradley-Terry."""
+    return Path(prefs_dir) / ("rankings.jsonl" if loss == "ranking" else "pairs.jsonl")
+
 
 def held_out_path(prefs_path):
     """The held-out sibling of a preference file: pairs.jsonl -> pairs_test.jsonl."""

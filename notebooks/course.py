@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore", category=TqdmWarning)  # no ipywidgets: tqdm f
 from minirlhf import collect as collect_stage, reward as reward_stage  # noqa: E402
 from minirlhf.collect import CollectConfig, collect  # noqa: E402
 from minirlhf.common import apply_overrides  # noqa: E402
-from minirlhf.reward import RewardConfig, train_reward_model  # noqa: E402
+from minirlhf.reward import RewardConfig, preferences_file, train_reward_model  # noqa: E402
 from minirlhf.sft import SFTConfig, train_sft  # noqa: E402
 
 FAST = os.environ.get("MINIRLHF_FAST") == "1"
@@ -161,10 +161,11 @@ def preferences(retrain=False):
 
 
 def reward_model(retrain=False):
-    """The reward model of notebook 02, trained on the pairs of `preferences`: (summary, run folder)."""
+    """The reward model of notebook 02, trained on the rankings of `preferences`: (summary, run folder)."""
     _, sft_dir = sft()
     _, prefs_dir = preferences()
-    return run_once(train_reward_model, reward_config(), "rm", sft_dir, prefs_dir / "pairs.jsonl", retrain=retrain)
+    config = reward_config()
+    return run_once(train_reward_model, config, "rm", sft_dir, preferences_file(prefs_dir, config.loss), retrain=retrain)
 
 
 def where(obj):

@@ -102,15 +102,21 @@ def prefs(tmp_path_factory):
     return out / "pairs.jsonl"
 
 
+def rankings_of(pairs_path):
+    """The rankings.jsonl that `collect` wrote beside pairs.jsonl: the reward model's default input."""
+    return pairs_path.with_name("rankings.jsonl")
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs: one line, FILE:LINE, exit code 2
 
 KIND = {"sft": "demonstrations", "collect": "prompts", "ppo": "prompts", "bon": "prompts",
-        "rm": "pairs", "dpo": "pairs", "pft": "pairs"}
+        "rm": "rankings", "dpo": "pairs", "pft": "pairs"}
 GOOD = {"demonstrations": {"prompt": "the movie was", "completion": " good ."},
         "prompts": {"prompt": "the movie was"},
-        "pairs": {"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."}}
-LAST_FIELD = {"demonstrations": "completion", "prompts": "prompt", "pairs": "rejected"}
+        "pairs": {"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."},
+        "rankings": {"prompt": "the movie was", "completions": [" good .", " fine .", " bad ."]}}
+LAST_FIELD = {"demonstrations": "completion", "prompts": "prompt", "pairs": "rejected", "rankings": "completions"}
 PROBLEMS = {   # problem -> (line 2 of the file, given the kind; what the message must say)
     "bad JSON": (lambda kind: '{"prompt": "the movie was",', "not valid JSON"),
     "missing field": (lambda kind: json.dumps({k: v for k, v in GOOD[kind].items() if k != LAST_FIELD[kind]}),
@@ -209,7 +215,7 @@ def test_generation_longer_than_the_context_is_refused_before_any_work(stage, pr
     # 62 after a prompt of 3 tokens: without the check, generation fails part-way through)
     argv = {"collect": ["collect", "--sft", tiny_sft_dir()],
             "ppo": ["ppo", "--sft", tiny_sft_dir(), "--reward", "gold"],
-            "rm": ["rm", "--sft", tiny_sft_dir(), "--prefs", prefs, "--set", "steps=2"],
+            "rm": ["rm", "--sft", tiny_sft_dir(), "--prefs", rankings_of(prefs), "--set", "steps=2"],
             "dpo": ["dpo", "--sft", tiny_sft_dir(), "--prefs", prefs, "--set", "steps=2"],
             "bon": ["bon", "--sft", tiny_sft_dir(), "--set", "ranker=gold"]}[stage]
     if "--set" not in argv:
@@ -256,7 +262,7 @@ def test_a_vocabulary_mismatch_is_a_clear_error(command, wrong_vocab, prefs, tmp
     argv = {"sample": ["sample", "--model", sft, "--prompt", "the movie was"],
             "collect": ["collect", "--sft", sft],
             "ppo": ["ppo", "--sft", sft, "--reward", "gold"],
-            "rm": ["rm", "--sft", sft, "--prefs", prefs],
+            "rm": ["rm", "--sft", sft, "--prefs", rankings_of(prefs)],
             "dpo": ["dpo", "--sft", sft, "--prefs", prefs],
             "bon": ["bon", "--sft", sft, "--set", "ranker=gold"],
             "ppo --rm": ["ppo", "--sft", good, "--rm", rm],
@@ -327,7 +333,7 @@ def test_every_write_goes_through_the_atomic_helpers():
 
 OVERWRITE_ARGV = {
     "sft": lambda p: ["sft"], "collect": lambda p: ["collect", "--sft", tiny_sft_dir()],
-    "rm": lambda p: ["rm", "--sft", tiny_sft_dir(), "--prefs", p],
+    "rm": lambda p: ["rm", "--sft", tiny_sft_dir(), "--prefs", rankings_of(p)],
     "ppo": lambda p: ["ppo", "--sft", tiny_sft_dir(), "--reward", "gold"],
     "dpo": lambda p: ["dpo", "--sft", tiny_sft_dir(), "--prefs", p],
     "pft": lambda p: ["pft", "--sft", tiny_sft_dir(), "--prefs", p],
@@ -419,7 +425,7 @@ def stage_runs(prefs, files):
                                                    n_eval_samples=8, max_new_tokens=16))
     return {
         "sft": lambda out, **kw: train_sft(sft_config, out, progress=False, **kw),
-        "rm": lambda out, **kw: train_reward_model(rm_config, sft, prefs, out, progress=False, **kw),
+        "rm": lambda out, **kw: train_reward_model(rm_config, sft, rankings_of(prefs), out, progress=False, **kw),
         "dpo": lambda out, **kw: train_dpo(dpo_config, sft, prefs, out, progress=False, **kw),
         "preferred_ft": lambda out, **kw: train_dpo(pft_config, sft, prefs, out, progress=False,
                                                     stage="preferred_ft", **kw),

@@ -206,17 +206,17 @@ def test_ranking_on_two_completions_trains_like_pairwise(prefs, tmp_path):
 def test_interrupted_run_resumes_to_the_same_result(prefs, tmp_path, monkeypatch):
     sft_dir, prefs_dir = prefs
     config = apply_overrides(RewardConfig(), {**SMALL_RM, "steps": 8, "eval_every": 4})
-    whole = train_reward_model(config, sft_dir, prefs_dir / "pairs.jsonl", tmp_path / "whole", progress=False)
+    whole = train_reward_model(config, sft_dir, prefs_dir / "rankings.jsonl", tmp_path / "whole", progress=False)
 
     def stop_at_step_6(loss, step, out_dir=None):
         if step == 6:
             raise KeyboardInterrupt                               # dies after the checkpoint at step 4
     monkeypatch.setattr(common, "check_finite", stop_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        train_reward_model(config, sft_dir, prefs_dir / "pairs.jsonl", tmp_path / "cut", progress=False)
+        train_reward_model(config, sft_dir, prefs_dir / "rankings.jsonl", tmp_path / "cut", progress=False)
     monkeypatch.undo()
     assert (tmp_path / "cut" / "checkpoint.pt").exists()
-    again = train_reward_model(config, sft_dir, prefs_dir / "pairs.jsonl", tmp_path / "cut", resume=True,
+    again = train_reward_model(config, sft_dir, prefs_dir / "rankings.jsonl", tmp_path / "cut", resume=True,
                                progress=False)
     timing = {"train/seconds"}
     assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
@@ -226,4 +226,4 @@ def test_diverging_run_stops_with_a_message(prefs, tmp_path):
     sft_dir, prefs_dir = prefs
     config = apply_overrides(RewardConfig(), {**SMALL_RM, "lr": 1e30, "grad_clip": 1e30, "warmup_steps": 1})
     with pytest.raises(common.NonFiniteLossError, match="at step"):
-        train_reward_model(config, sft_dir, prefs_dir / "pairs.jsonl", tmp_path / "nan", progress=False)
+        train_reward_model(config, sft_dir, prefs_dir / "rankings.jsonl", tmp_path / "nan", progress=False)
