@@ -48,10 +48,10 @@ class DPOConfig:
     test_prefs: Optional[str] = None   # held-out pairs for eval/reward_accuracy (None: pairs_test.jsonl beside --prefs)
     task: str = "reviews"              # whose gold judge scores the samples
     loss_type: str = "sigmoid"         # sigmoid (DPO), ipo, hinge, robust; or preferred_ft (the SFT-on-chosen baseline)
-    beta: float = 0.5                  # β: weight of the KL term; the implicit reward is β·log(π/π_ref)
+    beta: float = 1.0                  # β: weight of the KL term; the implicit reward is β·log(π/π_ref)
     label_smoothing: float = 0.0       # ε: assumed label-flip rate (cDPO with sigmoid; robust)
-    steps: int = 200                   # optimiser steps
-    batch_size: int = 8                # rankings per step, each with all its pairs (K=4: 6 pairs from 4 sequences)
+    steps: int = 300                   # optimiser steps
+    batch_size: int = 8                # rankings per step, each with all its pairs (K=8: 28 pairs from 8 sequences)
     lr: float = 2e-4                   # peak learning rate (AdamW)
     warmup_steps: int = 20             # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.1          # the cosine decays to lr * min_lr_ratio
