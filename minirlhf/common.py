@@ -265,12 +265,21 @@ def cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr_ratio=0.1):
     return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def fused_adam(parameters):
+    """{"fused": True} where torch has a fused Adam kernel for the parameters' device, else {}.
+
+    The fused kernel updates every parameter in one pass instead of a dozen small operations
+    per tensor; with our small models those operations are a visible share of a step (SFT:
+    about 14 % faster on 2 CPU cores, `benchmarks/bench_sft.py`). Same algorithm, same state."""
+    return {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in parameters) else {}
+
+
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
     """AdamW with weight decay on matrices only (not on biases, LayerNorms or gains)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **fused_adam(decay + no_decay))
 
 
 def set_lr(optimizer, lr):

@@ -231,8 +231,8 @@ def train_ppo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, over
         critic = load_scalar_model(rm_dir, device, tokenizer)
     else:
         critic = ScalarHeadModel.from_gpt(policy).to(device).eval()
-    optimizers = [torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5),
-                  torch.optim.Adam(critic.parameters(), lr=config.value_lr, eps=1e-5)]
+    optimizers = [torch.optim.Adam(module.parameters(), lr=lr, eps=1e-5, **common.fused_adam(module.parameters()))
+                  for module, lr in ((policy, config.lr), (critic, config.value_lr))]
     gold_fn = get_task(config.task).gold_reward
     # Every prompt is checked now, not when a rollout first samples it.
     prompts = [r["prompt"] for r in read_jsonl(config.prompts, "prompts", tokenizer, config.max_prompt_tokens)]
