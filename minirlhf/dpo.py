@@ -50,6 +50,7 @@ class DPOConfig:
     loss_type: str = "sigmoid"         # sigmoid (DPO), ipo, hinge, robust; or preferred_ft (the SFT-on-chosen baseline)
     beta: float = 1.0                  # β: weight of the KL term; the implicit reward is β·log(π/π_ref)
     label_smoothing: float = 0.0       # ε: assumed label-flip rate (cDPO with sigmoid; robust)
+    nll_coef: float = 0.0              # α: + α·NLL per token of the chosen responses (RPO, Pang et al. 2024); 0: off
     steps: int = 300                   # optimiser steps
     batch_size: int = 8                # rankings per step, each with all its pairs (K=8: 28 pairs from 8 sequences)
     lr: float = 2e-4                   # peak learning rate (AdamW)
@@ -76,6 +77,7 @@ class DPOConfig:
         common.require(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
         common.require(self.lr > 0, "lr must be positive")
         common.require(self.grad_clip > 0, "grad_clip must be positive")
+        common.require(self.nll_coef >= 0, "nll_coef must be >= 0")
         common.require(self.n_eval_samples > 0, "n_eval_samples must be positive")
         common.require(self.log_every > 0 and self.eval_every >= 0, "log_every > 0 and eval_every >= 0")
 
@@ -176,6 +178,12 @@ def dpo_batch_loss(policy, prefs, ids, config, pad_id, device):
                              loss_type=config.loss_type, label_smoothing=config.label_smoothing)
     metrics["logps/chosen"] = chosen.mean().item()
     metrics["logps/rejected"] = rejected.mean().item()
+    if config.nll_coef > 0:
+        # RPO: keep the chosen responses likely, per token (a ranking's best response is in K-1 pairs)
+        lengths = response.sum(-1).clamp(min=1)                              # (U,) response tokens
+        nll = -(logps / lengths)[index[:, 0]].mean()
+        loss = loss + config.nll_coef * nll
+        metrics["loss/nll_chosen"] = nll.item()
     return loss, metrics
 
 

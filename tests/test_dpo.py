@@ -79,6 +79,26 @@ def test_training_batch_at_initialisation(pipeline, loss_type, expected):
     assert metrics["logps/chosen"] < 0 and metrics["logps/rejected"] < 0
 
 
+def test_nll_term_adds_the_per_token_nll_of_each_pairs_chosen_response(pipeline):
+    """RPO: loss = DPO loss + α · mean over pairs of −log π(y_w|x) / |y_w|, checked against a loop
+    that scores each pair's chosen response on its own."""
+    sft_dir, pairs, _ = pipeline
+    tokenizer = load_tokenizer()
+    reference = load_gpt(sft_dir, tokenizer=tokenizer)
+    prefs = load_preferences(pairs, tokenizer, reference, DPOConfig(), "cpu")
+    ids = torch.arange(0, 30, 2)
+    plain, _ = dpo_batch_loss(reference, prefs, ids, DPOConfig(), tokenizer.eot_token, "cpu")
+    with_nll, metrics = dpo_batch_loss(reference, prefs, ids, apply_overrides(DPOConfig(), {"nll_coef": 0.5}),
+                                       tokenizer.eot_token, "cpu")
+    per_token = []
+    for n in ids.tolist():
+        tokens, mask, response = completion_batch([prefs.sequences[prefs.pairs[n, 0]]], tokenizer.eot_token)
+        per_token.append(-sequence_logprobs(reference, tokens, mask, response).item() / response.sum().item())
+    nll = sum(per_token) / len(per_token)
+    assert metrics["loss/nll_chosen"] == pytest.approx(nll, rel=1e-4), "the NLL term, against a per-pair loop"
+    assert with_nll.item() == pytest.approx(plain.item() + 0.5 * nll, rel=1e-4), "loss = DPO + α·NLL"
+
+
 def test_best_of_n_kl_formula():
     assert best_of_n_kl_bound(1) == 0.0
     assert best_of_n_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
