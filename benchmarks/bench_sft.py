@@ -42,7 +42,7 @@ def matmul_flops(n=1024, seconds=1.0):
 
 
 def sft_throughput(config, steps=30):
-    """(tokens/s, FLOP/s by 6·N, N) over `steps` optimiser steps after a warm-up."""
+    """(tokens/s, FLOP/s by 6·N, N, share of padded positions) over `steps` optimiser steps after a warm-up."""
     tokenizer = load_tokenizer()
     examples = load_examples(config.data, tokenizer, config)
     model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=config.block_size, n_layer=config.n_layer,

@@ -37,12 +37,12 @@ def stage_functions(out, fast, seed, device, progress, resume=False, overwrite=F
     kw = dict(device=device, progress=progress, overwrite=overwrite)
     pairs = out / "prefs" / "pairs.jsonl"
 
+    def go_on(name):          # --resume for the training stages (collect and Best-of-N keep no checkpoint)
+        return dict(resume=resume and (out / name / "checkpoint.pt").exists())
+
     def train_rm(config):     # the K-wise loss reads rankings.jsonl, Bradley-Terry pairs.jsonl
         return reward.train_reward_model(config, out / "sft", reward.preferences_file(out / "prefs", config.loss),
                                          out / "rm", **kw, **go_on("rm"))
-
-    def go_on(name):          # --resume for the training stages (collect and Best-of-N keep no checkpoint)
-        return dict(resume=resume and (out / name / "checkpoint.pt").exists())
 
     return [
         ("sft", lambda: sft.train_sft(_config(sft.SFTConfig, sft.FAST, fast, seed), out / "sft", **kw, **go_on("sft"))),

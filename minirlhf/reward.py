@@ -49,11 +49,11 @@ LOSSES = ("pairwise", "ranking")
 @dataclasses.dataclass
 class RewardConfig:
     """Train a reward model on preferences. Defaults train in well under a minute on 2 cores."""
-    loss: str = "ranking"             # "ranking" (K-wise, InstructGPT: rankings.jsonl) or "pairwise" (Bradley-Terry: pairs.jsonl)
+    loss: str = "ranking"             # "ranking" (K-wise, InstructGPT; rankings.jsonl) or "pairwise" (pairs.jsonl)
     test_prefs: Optional[str] = None  # held-out preferences; None: the sibling *_test.jsonl of --prefs
     task: str = "reviews"             # whose gold judge gives eval/bayes_accuracy and eval/gold_corr
     steps: int = 300                  # optimiser steps (defaults: about 2.7 passes over collect's 900 rankings)
-    batch_size: int = 8               # rankings per step (ranking: K=8 gives 28 pairs each) or pairs per step (pairwise)
+    batch_size: int = 8               # rankings per step (K=8: 28 pairs each), or pairs per step (pairwise)
     lr: float = 1e-3                  # peak learning rate (AdamW)
     warmup_steps: int = 20            # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.1         # the cosine decays to lr * min_lr_ratio

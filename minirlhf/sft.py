@@ -87,8 +87,8 @@ class SFTConfig:
         common.require(self.n_eval_samples > 0, "n_eval_samples must be positive")
 
 
-FAST = dict(steps=150, n_layer=2, n_head=4, n_embd=64, batch_size=64, eval_every=50, n_eval_samples=64, warmup_steps=20,
-            lr=3e-3)
+FAST = dict(steps=150, n_layer=2, n_head=4, n_embd=64, batch_size=64, eval_every=50, n_eval_samples=64,
+            warmup_steps=20, lr=3e-3)
 
 
 # ---------------------------------------------------------------------------
@@ -106,20 +106,19 @@ class BatchSchedule:
 
     def __init__(self, lengths, batch_size, seed, bucket_by_length=True):
         self.lengths, self.batch_size, self.seed, self.bucket = lengths, batch_size, seed, bucket_by_length
-        self.epochs = []       # bucketed batches of epoch 0, 1, ... built on demand
+        self.batches, self.epochs_built = [], 0   # bucketed batches of every epoch so far, in order
 
     def __call__(self, step):
+        """The indices (into `lengths`) of the examples of step `step`."""
         if not self.bucket:
             return torch.randint(len(self.lengths), (self.batch_size,),
                                  generator=common.step_generator(self.seed, step)).tolist()
-        while step >= sum(len(epoch) for epoch in self.epochs):
+        while step >= len(self.batches):
             # epoch e shuffles with the stream of "step" -2 - e, which no training step uses
-            generator = common.step_generator(self.seed, -2 - len(self.epochs))
-            self.epochs.append(data.length_bucketed_batches(self.lengths, self.batch_size, generator))
-        for epoch in self.epochs:
-            if step < len(epoch):
-                return epoch[step]
-            step -= len(epoch)
+            generator = common.step_generator(self.seed, -2 - self.epochs_built)
+            self.batches += data.length_bucketed_batches(self.lengths, self.batch_size, generator)
+            self.epochs_built += 1
+        return self.batches[step]
 
 
 @torch.no_grad()

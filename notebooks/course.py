@@ -165,7 +165,8 @@ def reward_model(retrain=False):
     _, sft_dir = sft()
     _, prefs_dir = preferences()
     config = reward_config()
-    return run_once(train_reward_model, config, "rm", sft_dir, preferences_file(prefs_dir, config.loss), retrain=retrain)
+    prefs_file = preferences_file(prefs_dir, config.loss)
+    return run_once(train_reward_model, config, "rm", sft_dir, prefs_file, retrain=retrain)
 
 
 def where(obj):

@@ -15,6 +15,7 @@ What is checked:
 """
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from minirlhf.common import apply_overrides
 from minirlhf.data import DataError, completion_batch, encode_example, pad_left, read_jsonl, write_jsonl
 from minirlhf.model import GPT, GPTConfig, ScalarHeadModel
 from minirlhf.reward import (RewardConfig, bayes_accuracy, calibration, load_preferences, preference_loss,
-                             score_records, score_texts, held_out_path, train_reward_model)
+                             score_records, score_texts, held_out_path, preferences_file, train_reward_model)
 from minirlhf.sft import SFTConfig, train_sft
 from minirlhf.tokenizer import load_tokenizer
 
@@ -45,6 +46,8 @@ RANKINGS = [{"prompt": "the plot was", "completions": [" good .", " okay .", " b
 def test_held_out_file_is_the_sibling(tmp_path):
     assert held_out_path(tmp_path / "pairs.jsonl") == tmp_path / "pairs_test.jsonl"
     assert held_out_path("runs/p/rankings.jsonl").name == "rankings_test.jsonl"
+    assert preferences_file("runs/p", "ranking") == Path("runs/p/rankings.jsonl"), "the K-wise loss reads rankings"
+    assert preferences_file("runs/p", "pairwise") == Path("runs/p/pairs.jsonl"), "Bradley-Terry reads pairs"
 
 
 def test_bayes_accuracy_counts_ties_half():
