@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from minirlhf import common
 from minirlhf.checkpoints import load_gpt, save_model
-from minirlhf.data import completion_batch, default_path, encode_example, read_jsonl
+from minirlhf.data import by_length_in_chunks, completion_batch, default_path, encode_example, read_jsonl
 from minirlhf.evaluate import evaluate_policy
 from minirlhf.losses import DPO_LOSS_TYPES, dpo_loss
 from minirlhf.sampling import sequence_logprobs
@@ -65,6 +65,7 @@ class DPOConfig:
     max_new_tokens: int = 48           # length limit when sampling completions
     n_eval_samples: int = 256          # test prompts sampled for eval/gold_reward and eval/kl
     ref_batch_size: int = 256          # sequences per forward pass when precomputing log π_ref
+    chunk_rows: int = 16               # a step's sequences run in length-sorted chunks of this many rows (less padding)
     seed: int = 0                      # seeds batch order and evaluation sampling
 
     def validate(self):
@@ -78,6 +79,7 @@ class DPOConfig:
         common.require(self.lr > 0, "lr must be positive")
         common.require(self.grad_clip > 0, "grad_clip must be positive")
         common.require(self.nll_coef >= 0, "nll_coef must be >= 0")
+        common.require(self.chunk_rows > 0, "chunk_rows must be positive")
         common.require(self.n_eval_samples > 0, "n_eval_samples must be positive")
         common.require(self.log_every > 0 and self.eval_every >= 0, "log_every > 0 and eval_every >= 0")
 
@@ -99,15 +101,11 @@ class Preferences:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def logps_of_sequences(model, sequences, pad_id, device, batch_size=256):
     """(S,) summed response log-probs of (ids, n_prompt) examples, batched by length (less padding)."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
-    logps = torch.empty(len(sequences))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        tokens, mask, response = (t.to(device) for t in completion_batch([sequences[i] for i in rows], pad_id))
-        logps[rows] = sequence_logprobs(model, tokens, mask, response).cpu()    # (b,)
-    return logps
+    return by_length_in_chunks(lambda *batch: sequence_logprobs(model, *batch), sequences, pad_id, device,
+                               batch_size).cpu()
 
 
 def load_preferences(path, tokenizer, reference, config, device, with_reference=True):
@@ -147,15 +145,25 @@ def ranking_groups(pairs, n_sequences):
     return [torch.tensor(g) for g in groups.values()]
 
 
-def pair_batch(prefs, ids, pad_id, device):
-    """The distinct sequences of the pairs `ids` (P,) as one batch, and where each pair sits in it.
+def distinct_rows(prefs, ids):
+    """The distinct sequences (U,) of the pairs `ids` (P,), and index (P, 2) long: the position in
+    them of each pair's [chosen, rejected]. All C(K,2) pairs of a ranking need only K rows."""
+    return torch.unique(prefs.pairs[ids], return_inverse=True)               # (U,), (P, 2)
 
-    Returns tokens, attention_mask, response_mask, each (U, T), and index (P, 2) long: the
-    rows of each pair's [chosen, rejected]. All C(K,2) pairs of a ranking need only K rows.
-    """
-    rows, index = torch.unique(prefs.pairs[ids], return_inverse=True)     # (U,), (P, 2)
+
+def pair_batch(prefs, ids, pad_id, device):
+    """The distinct sequences of the pairs `ids` (P,) as one right-padded batch: tokens,
+    attention_mask, response_mask, each (U, T), and index (P, 2) (see `distinct_rows`)."""
+    rows, index = distinct_rows(prefs, ids)
     batch = completion_batch([prefs.sequences[i] for i in rows.tolist()], pad_id)
     return (*(t.to(device) for t in batch), index.to(device))
+
+
+def policy_logps(policy, prefs, rows, pad_id, device, chunk_rows):
+    """(U,) log π(y|x) of the sequences `rows`, in length-sorted chunks of `chunk_rows` (gradients flow)."""
+    sequences = [prefs.sequences[i] for i in rows.tolist()]
+    return by_length_in_chunks(lambda *batch: sequence_logprobs(policy, *batch), sequences, pad_id, device,
+                               chunk_rows)
 
 
 def sample_pairs(prefs, n_groups, generator):
@@ -170,8 +178,9 @@ def sample_pairs(prefs, n_groups, generator):
 
 def dpo_batch_loss(policy, prefs, ids, config, pad_id, device):
     """(loss, metrics) of DPO on the pairs `ids` (P,): one policy forward over their distinct sequences."""
-    tokens, mask, response, index = pair_batch(prefs, ids, pad_id, device)   # (U, T) each; (P, 2)
-    logps = sequence_logprobs(policy, tokens, mask, response)               # (U,) log π(y|x)
+    rows, index = distinct_rows(prefs, ids)                                   # (U,), (P, 2)
+    logps = policy_logps(policy, prefs, rows, pad_id, device, config.chunk_rows)   # (U,) log π(y|x)
+    index = index.to(device)
     chosen, rejected = logps[index].unbind(-1)                               # (P,), (P,)
     ref_chosen, ref_rejected = prefs.ref_logps[prefs.pairs[ids]].to(device).unbind(-1)   # (P,), (P,)
     loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta,
@@ -180,7 +189,8 @@ def dpo_batch_loss(policy, prefs, ids, config, pad_id, device):
     metrics["logps/rejected"] = rejected.mean().item()
     if config.nll_coef > 0:
         # RPO: keep the chosen responses likely, per token (a ranking's best response is in K-1 pairs)
-        lengths = response.sum(-1).clamp(min=1)                              # (U,) response tokens
+        lengths = torch.tensor([len(prefs.sequences[i][0]) - prefs.sequences[i][1] for i in rows.tolist()],
+                               device=device).clamp(min=1)                  # (U,) response tokens (EOS too)
         nll = -(logps / lengths)[index[:, 0]].mean()
         loss = loss + config.nll_coef * nll
         metrics["loss/nll_chosen"] = nll.item()

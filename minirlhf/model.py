@@ -173,7 +173,7 @@ class Generation:
     attention_mask: Tensor  #: long 0/1: the prompts' real tokens and sampled tokens up to and including EOS
     response_mask: Tensor  #: long 0/1: only the sampled tokens up to and including EOS
     finished: Tensor  #: (B,) bool, True where the row emitted EOS
-    logits: Optional[Tensor] = None  #: (B, steps run, V) raw next-token logits, with return_logits=True
+    logits: Optional[Tensor] = None  #: (B, steps run, V) raw next-token logits, with return_logits=True; 0 once a row has left the batch after its EOS
 
 
 def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
@@ -268,30 +268,49 @@ class GPT(nn.Module):
                 f"{self.config.block_size}: shorten the prompts or generate fewer tokens")
         mask = torch.ones_like(idx) if attention_mask is None else attention_mask.long()  # (B, T0)
         pad = 0 if eos_token_id is None else eos_token_id
-        tokens, finished, past, step_logits = idx, torch.zeros(B, dtype=torch.bool, device=idx.device), None, []
-        for _ in range(max_new_tokens):
+        # The results, at full size: every row is pad (attention 0) after its EOS.
+        out_tokens = F.pad(idx, (0, max_new_tokens), value=pad)  # (B, T0 + max_new_tokens)
+        out_mask = F.pad(mask, (0, max_new_tokens), value=0)  # (B, T0 + max_new_tokens)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)  # (B,)
+        out_logits = (torch.zeros(B, max_new_tokens, self.config.vocab_size, device=idx.device)
+                      if return_logits else None)
+        # The working batch: the rows still being extended (`rows`), with their tokens, mask
+        # and cache. Finished rows leave it once they are a quarter of it: a batch of reviews
+        # runs as long as its longest one, about twice the mean length.
+        rows, tokens, live_mask, done, past = torch.arange(B, device=idx.device), idx, mask, finished.clone(), None
+        steps = 0
+        for t in range(max_new_tokens):
             if use_cache and past is not None:
                 # only the newest token goes through the network; older keys/values are cached
-                h, past = self._trunk(tokens[:, -1:], mask, past)  # (B, 1, C)
+                h, past = self._trunk(tokens[:, -1:], live_mask, past)  # (b, 1, C)
             else:
-                h, past = self._trunk(tokens, mask)  # (B, T, C)
-            logits = self.lm_head(h[:, -1, :])  # (B, V), predicts the next token
-            step_logits.append(logits)
-            next_token = sample_next_token(logits, temperature, top_k, generator)  # (B,)
-            next_token = torch.where(finished, pad, next_token)  # (B,), finished rows emit padding
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, T + 1)
-            mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)  # (B, T + 1), EOS itself is real
-            if eos_token_id is not None:
-                finished = finished | (next_token == eos_token_id)
-                if finished.all():
-                    break
-        missing = T0 + max_new_tokens - tokens.size(1)  # > 0 only when every row stopped early
-        tokens = F.pad(tokens, (0, missing), value=pad)  # (B, T0 + max_new_tokens)
-        mask = F.pad(mask, (0, missing), value=0)  # (B, T0 + max_new_tokens)
-        response_mask = mask.clone()
+                h, past = self._trunk(tokens, live_mask)  # (b, T, C)
+            logits = self.lm_head(h[:, -1, :])  # (b, V), predicts the next token
+            next_token = sample_next_token(logits, temperature, top_k, generator)  # (b,)
+            next_token = torch.where(done, pad, next_token)  # (b,), finished rows emit padding
+            real = (~done).long()  # (b,), EOS itself is real
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (b, T + 1)
+            live_mask = torch.cat([live_mask, real[:, None]], dim=1)  # (b, T + 1)
+            out_tokens[rows, T0 + t], out_mask[rows, T0 + t] = next_token, real
+            if return_logits:
+                out_logits[rows, t] = logits
+            steps = t + 1
+            if eos_token_id is None:
+                continue
+            done = done | (next_token == eos_token_id)
+            if done.all():
+                break
+            if 4 * int(done.sum()) >= len(rows):  # drop the finished rows from the working batch
+                finished[rows[done]] = True
+                keep = ~done
+                rows, tokens, live_mask, done = rows[keep], tokens[keep], live_mask[keep], done[keep]
+                if use_cache:
+                    past = [(k[keep], v[keep]) for k, v in past]
+        finished[rows[done]] = True
+        response_mask = out_mask.clone()
         response_mask[:, :T0] = 0  # (B, T0 + max_new_tokens), sampled tokens only
-        logits = torch.stack(step_logits, dim=1) if return_logits else None  # (B, steps, V)
-        return Generation(tokens, mask, response_mask, finished, logits)
+        logits = out_logits[:, :steps] if return_logits else None  # (B, steps, V)
+        return Generation(out_tokens, out_mask, response_mask, finished, logits)
 
 
 # ---------------------------------------------------------------------------

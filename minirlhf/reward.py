@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from minirlhf import common
 from minirlhf.checkpoints import load_gpt, save_model
 from minirlhf.collect import pairs_of_ranking
-from minirlhf.data import DataError, completion_batch, encode_example, read_jsonl, write_jsonl
+from minirlhf.data import DataError, by_length_in_chunks, encode_example, read_jsonl, write_jsonl
 from minirlhf.losses import bradley_terry_loss, ranking_loss
 from minirlhf.model import ScalarHeadModel
 from minirlhf.sampling import sample_completions
@@ -63,6 +63,7 @@ class RewardConfig:
     max_prompt_tokens: int = 16       # longer prompts are refused
     max_new_tokens: int = 48          # length limit of the SFT samples used for normalisation
     n_norm_prompts: int = 256         # train records whose prompts' SFT samples set the reward's mean and std
+    chunk_rows: int = 16              # a step's sequences run in length-sorted chunks of this many rows (less padding)
     seed: int = 0                     # seeds batch order, the head's init and the normalisation samples
 
     def validate(self):
@@ -72,6 +73,7 @@ class RewardConfig:
         common.require(self.lr > 0, "lr must be positive")
         common.require(self.eval_every > 0, "eval_every must be positive")
         common.require(self.grad_clip > 0, "grad_clip must be positive")
+        common.require(self.chunk_rows > 0, "chunk_rows must be positive")
         common.require(self.n_norm_prompts >= 2, "n_norm_prompts must be at least 2 (a std needs two samples)")
 
 
@@ -127,15 +129,17 @@ def completions_of(record):
 # ---------------------------------------------------------------------------
 # Scoring: K completions per record, all in one forward pass
 
-def score_records(model, records, tokenizer, config, device):
+def score_records(model, records, tokenizer, config, device, chunk_rows=None):
     """Rewards (B, K) of the B records' completions, each row best -> worst (K = 2 for pairs).
 
-    Rows are prompt + completion + EOS, right-padded; `score` reads the last real token."""
+    Rows are prompt + completion + EOS, right-padded; `score` reads the last real token. The
+    B*K rows run in length-sorted chunks of `chunk_rows` (default `config.chunk_rows`), which
+    pad far less than one batch: the K completions of a prompt differ in length."""
     block = model.config.block_size
     examples = [encode_example(tokenizer, r["prompt"], c, block, config.max_prompt_tokens)
                 for r in records for c in completions_of(r)]                # B*K, record-major
-    tokens, attention_mask, _ = completion_batch(examples, tokenizer.eot_token)  # (B*K, T) each
-    rewards = model.score(tokens.to(device), attention_mask.to(device))     # (B*K,)
+    rewards = by_length_in_chunks(lambda tokens, mask, _: model.score(tokens, mask), examples,
+                                  tokenizer.eot_token, device, chunk_rows or config.chunk_rows)  # (B*K,)
     return rewards.view(len(records), -1)                                   # (B, K)
 
 
@@ -148,10 +152,9 @@ def preference_loss(rewards, loss):
 
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts, completions, config, device, batch_size=256):
-    """Rewards (N,) of N (prompt, completion) pairs, in batches."""
+    """Rewards (N,) of N (prompt, completion) pairs, in length-sorted batches of `batch_size`."""
     records = [{"prompt": p, "completions": [c]} for p, c in zip(prompts, completions)]
-    return torch.cat([score_records(model, records[i:i + batch_size], tokenizer, config, device)[:, 0].cpu()
-                      for i in range(0, len(records), batch_size)])
+    return score_records(model, records, tokenizer, config, device, batch_size)[:, 0].cpu()
 
 
 # ---------------------------------------------------------------------------

@@ -2,16 +2,19 @@
 
 Checks that a malformed JSONL line is an error naming file and line, that padding on
 either side keeps tokens and masks aligned, that a too-long prompt is refused and a
-too-long completion cut as documented, and that the loss targets line up with the
-response mask after the one-token shift.
+too-long completion cut as documented, that the loss targets line up with the
+response mask after the one-token shift, and that length-sorted chunks give the numbers
+(and gradients) of one padded batch, in the input order.
 """
 import json
 
 import pytest
 import torch
 
-from minirlhf.data import (DataError, completion_batch, encode_example, pad_left, pad_right, read_jsonl,
-                           shift_for_loss, write_jsonl)
+from minirlhf.data import (DataError, by_length_in_chunks, completion_batch, encode_example, pad_left, pad_right,
+                           read_jsonl, shift_for_loss, write_jsonl)
+from minirlhf.model import GPT, GPTConfig
+from minirlhf.sampling import sequence_logprobs
 from minirlhf.tokenizer import load_tokenizer
 
 
@@ -73,3 +76,25 @@ def test_long_prompt_refused_long_completion_cut():
     ids, n_prompt = encode_example(enc, "the movie", " was good . i loved the music .", block_size=6,
                                    max_prompt_tokens=4)
     assert len(ids) == 6 and enc.eot_token not in ids
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, 64])
+def test_length_sorted_chunks_equal_one_padded_batch(chunk_rows):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    lengths = [9, 3, 12, 5, 5, 7, 2]                        # deliberately unsorted, with a tie
+    examples = [(torch.randint(1, 50, (n,)).tolist(), 1) for n in lengths]
+
+    def logps(tokens, mask, response):
+        return sequence_logprobs(model, tokens, mask, response)
+
+    whole = logps(*completion_batch(examples, pad_id=0))   # (7,), one batch padded to 12
+    whole.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    chunked = by_length_in_chunks(logps, examples, pad_id=0, device="cpu", chunk_rows=chunk_rows)
+    assert chunked.shape == (7,)
+    torch.testing.assert_close(chunked, whole.detach(), rtol=1e-5, atol=1e-5)   # same rows, same order
+    chunked.pow(2).sum().backward()
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
