@@ -56,8 +56,10 @@ def preferred_ft_batch_loss(policy, prefs, ids, config, pad_id, device):
     *batch, index = pair_batch(prefs, ids, pad_id, device)                  # (U, T) each; (P, 2)
     inputs, input_mask, targets, loss_mask = shift_for_loss(*batch)          # (U, T-1) each
     logits = policy(inputs, input_mask)                                      # (U, T-1, V)
-    winners = index[:, 0]                                                    # (P,) rows of the chosen
-    loss, metrics = sft_loss(logits[winners], targets[winners], loss_mask[winners])   # (P, T-1, V) gathered
+    # the chosen row of every pair, without copying logits P times: weight each row's tokens by
+    # the number of pairs it wins (masked_mean is sum(x·mask) / sum(mask), so this is the same mean)
+    wins = torch.bincount(index[:, 0], minlength=logits.size(0)).to(logits.dtype)   # (U,)
+    loss, metrics = sft_loss(logits, targets, loss_mask * wins[:, None])
     with torch.no_grad():
         logps = (token_logprobs(logits, targets) * loss_mask).sum(-1)       # (U,) log π(y|x)
         chosen, rejected = logps[index].unbind(-1)                           # (P,), (P,)

@@ -37,14 +37,14 @@ class CollectConfig:
     """Sample K completions per prompt from the SFT policy and have a simulated labeler rank them."""
     prompts: str = str(default_path("prompts_train"))  # prompts JSONL: {"prompt"}
     task: str = "reviews"              # whose gold judge the labeler follows
-    n_prompts: int = 1000              # prompts to label (train + held-out)
+    n_prompts: int = 1500              # prompts to label (train + held-out)
     test_fraction: float = 0.1         # share of prompts held out for reward-model evaluation
-    k: int = 8                         # completions sampled per prompt (InstructGPT: 4 to 9)
+    k: int = 16                        # completions per prompt (InstructGPT: 4 to 9; see docs/reward.md for 16)
     sample_temperature: float = 1.0    # sampling temperature of the SFT policy
     labeler_temperature: float = 0.1   # Plackett-Luce noise τ; 0 ranks exactly by gold
     max_new_tokens: int = 48           # completion length limit
     max_prompt_tokens: int = 16        # longer prompts are refused
-    batch_size: int = 256              # sequences generated at once
+    batch_size: int = 1024             # sequences generated at once (1024: about 12 % faster than 256)
     seed: int = 0                      # seeds sampling, labels and the split
 
     def validate(self):

@@ -3,8 +3,10 @@
 `python -m minirlhf frontier` trains, from one SFT model, one preference set and one reward
 model:
 
-* DPO over β, PPO over the KL coefficient β, PPO-GT (PPO on the gold judge itself),
-  Preferred-FT, each evaluated periodically during training, and Best-of-N for several N;
+* DPO (the paper's loss, `dpo.PLAIN_DPO`) over β, RPO (the kit's default DPO: the NLL term
+  on the chosen responses added) over β, PPO over the KL coefficient β, PPO-GT (PPO on the
+  gold judge itself), Preferred-FT, each evaluated periodically during training, and
+  Best-of-N for several N;
 * every evaluation is a point (KL(π‖π_SFT), gold reward), measured the same way
   (`evaluate.evaluate_policy`): Fig. 2 left is the scatter of these points with each
   method's frontier (the best gold reward reached at or below each KL);
@@ -25,14 +27,15 @@ import torch
 
 from minirlhf import common
 
-COLOURS = {"dpo": "tab:red", "ppo": "tab:blue", "ppo_gt": "tab:purple", "preferred_ft": "tab:green",
+COLOURS = {"dpo": "tab:red", "rpo": "tab:brown", "ppo": "tab:blue", "ppo_gt": "tab:purple", "preferred_ft": "tab:green",
            "best_of_n": "tab:orange", "sft": "black"}
 
 
 @dataclasses.dataclass
 class FrontierConfig:
     """The sweep. Lists are comma-separated so `--set dpo_betas=0.1,1` works."""
-    dpo_betas: str = "0.1,0.25,0.5,1.0,2.0"   # DPO's β values
+    dpo_betas: str = "0.1,0.25,0.5,1.0,2.0"   # DPO's β values (the paper's loss: dpo.PLAIN_DPO)
+    rpo_betas: str = "0.25,1.0"               # RPO's β values (dpo's defaults: DPO + the NLL term)
     ppo_kl_coefs: str = "0.02,0.05,0.2,0.5"   # PPO's per-token KL coefficients β
     ppo_gt_kl_coefs: str = "0.05"             # PPO on the gold reward (PPO-GT)
     bon_ns: str = "1,4,16,64"                 # Best-of-N sample counts
@@ -44,13 +47,14 @@ class FrontierConfig:
     seed: int = 0                             # seed of every run
 
     def validate(self):
-        for name in ("dpo_betas", "ppo_kl_coefs", "ppo_gt_kl_coefs", "bon_ns", "temperatures"):
+        for name in ("dpo_betas", "rpo_betas", "ppo_kl_coefs", "ppo_gt_kl_coefs", "bon_ns", "temperatures"):
             try:
                 values = floats(getattr(self, name))
             except ValueError:
                 raise common.ConfigError(f"{name} must be comma-separated numbers, got {getattr(self, name)!r}")
             common.require(all(v >= 0 for v in values), f"{name} must not be negative")
-        common.require(all(b > 0 for b in floats(self.dpo_betas)), "dpo_betas must be positive")
+        common.require(all(b > 0 for b in floats(self.dpo_betas) + floats(self.rpo_betas)),
+                       "dpo_betas and rpo_betas must be positive")
         common.require(all(t > 0 for t in floats(self.temperatures)), "temperatures must be positive")
         common.require(self.n_eval >= 2, "n_eval must be at least 2")
         common.require(all(n >= 1 and n == int(n) for n in floats(self.bon_ns)), "bon_ns must be whole numbers >= 1")
@@ -59,7 +63,7 @@ class FrontierConfig:
         common.require(self.dpo_eval_every >= 0, "dpo_eval_every must be >= 0 (0: final evaluation only)")
 
 
-FAST = dict(dpo_betas="0.1,1.0", ppo_kl_coefs="0.05,0.5", ppo_gt_kl_coefs="0.05", bon_ns="1,4",
+FAST = dict(dpo_betas="0.1,1.0", rpo_betas="0.25", ppo_kl_coefs="0.05,0.5", ppo_gt_kl_coefs="0.05", bon_ns="1,4",
             temperatures="0.5,1.0", n_eval=32, ppo_eval_every=4, dpo_eval_every=10, overopt_iterations=12)
 
 
@@ -81,10 +85,12 @@ def sweep_runs(config, fast):
         return common.apply_overrides(base, {"seed": seed, **extra})
 
     runs = []
-    for beta in floats(config.dpo_betas):
-        cfg = stage(dpo.DPOConfig, dpo.FAST, beta=beta, eval_every=config.dpo_eval_every,
-                    n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)
-        runs.append(("dpo", f"β={beta:g}", lambda out, b, cfg=cfg, **more: dpo.train_dpo(cfg, b / "sft", b / "prefs" / "pairs.jsonl", out, **kw, **more)))
+    for method, betas, variant in (("dpo", config.dpo_betas, dpo.PLAIN_DPO), ("rpo", config.rpo_betas, None)):
+        for beta in floats(betas):
+            cfg = stage(dpo.DPOConfig, dpo.FAST, variant=variant, beta=beta, eval_every=config.dpo_eval_every,
+                        n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)
+            runs.append((method, f"β={beta:g}", lambda out, b, cfg=cfg, **more: dpo.train_dpo(
+                cfg, b / "sft", b / "prefs" / "pairs.jsonl", out, **kw, **more)))
     cfg = stage(dpo.DPOConfig, {**dpo.FAST, **baselines.PREFERRED_FT_FAST}, variant=baselines.PREFERRED_FT,
                 eval_every=max(1, config.dpo_eval_every // 5), n_periodic_eval=config.n_eval,
                 n_eval_samples=config.n_eval)
@@ -222,7 +228,7 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
                if "eval/gold_reward" in r]
 
     temperatures = floats(config.temperatures)
-    rates = win_rates({m: finals[m] for m in ("ppo", "dpo", "preferred_ft", "ppo_gt") if m in finals}, base,
+    rates = win_rates({m: finals[m] for m in ("ppo", "dpo", "rpo", "preferred_ft", "ppo_gt") if m in finals}, base,
                       temperatures, config.n_eval, config.seed)
     plot_frontier(results, temperatures, rates, out / "frontier.png")
     plot_overoptimisation(overopt, out / "overoptimisation.png")

@@ -7,8 +7,8 @@ from minirlhf import common
 from minirlhf.experiments import COLOURS, best_within, frontier_envelope
 
 KL_BUDGETS = [0.5, 1, 2, 4, 8, 16, 32]
-NAMES = {"sft": "SFT", "dpo": "DPO", "ppo": "PPO (reward model)", "ppo_gt": "PPO-GT (gold reward)",
-         "preferred_ft": "Preferred-FT", "best_of_n": "Best-of-N"}
+NAMES = {"sft": "SFT", "dpo": "DPO", "rpo": "RPO (DPO + NLL, the kit's default)", "ppo": "PPO (reward model)",
+         "ppo_gt": "PPO-GT (gold reward)", "preferred_ft": "Preferred-FT", "best_of_n": "Best-of-N"}
 
 
 def _all_points(runs):
@@ -74,7 +74,8 @@ def write_report(summary, path):
     best = {m: [best_within(_all_points(results[m]), b) for b in KL_BUDGETS] for m in methods}
     for m in methods:
         lines.append(f"| {NAMES[m]} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in best[m]) + " |")
-    lines += ["", *comparison(best, "dpo", "ppo", summary["n_eval"]), "", "## Every run", "",
+    lines += ["", *comparison(best, "dpo", "ppo", summary["n_eval"]), "", *comparison(best, "rpo", "ppo", summary["n_eval"]),
+              "", "## Every run", "",
               "| method | setting | final gold reward | final KL | train seconds |", "| --- | --- | ---: | ---: | ---: |"]
     for m in methods:
         for run in results[m]:

@@ -147,7 +147,9 @@ def report(combined, out):
         bound = " (bound)" if stages[name].get("eval/kl_is_analytic_bound") else ""
         proxy_text = f"{proxy:.2f}" if proxy is not None else "–"
         lines.append(f"| {name} | {gold:.3f} ± {sem:.3f} | {kl:.2f}{bound} | {proxy_text} | {seconds:.1f} |")
-    lines += ["", "PPO and Best-of-N times include collecting preferences and training the reward model.", "",
+    lines += ["", "PPO and Best-of-N times include collecting preferences and training the reward model. "
+              "`dpo` is the kit's default DPO, which adds an NLL term on the chosen responses (RPO; "
+              "`--set nll_coef=0 beta=1 lr=2e-4` trains the DPO paper's loss: docs/dpo.md).", "",
               "## What happened", "", *what_happened(stages), "", "## Samples for the same prompts", ""]
     n_show = min(len(stages[m].get("eval/samples", [])) for m in METHODS)
     for i in range(n_show):

@@ -52,14 +52,14 @@ class RewardConfig:
     loss: str = "ranking"             # "ranking" (K-wise, InstructGPT; rankings.jsonl) or "pairwise" (pairs.jsonl)
     test_prefs: Optional[str] = None  # held-out preferences; None: the sibling *_test.jsonl of --prefs
     task: str = "reviews"             # whose gold judge gives eval/bayes_accuracy and eval/gold_corr
-    steps: int = 300                  # optimiser steps (defaults: about 2.7 passes over collect's 900 rankings)
-    batch_size: int = 8               # rankings per step (K=8: 28 pairs each), or pairs per step (pairwise)
+    steps: int = 300                  # optimiser steps (defaults: about 1.8 passes over collect's 1350 rankings)
+    batch_size: int = 8               # rankings per step (K=16: 120 pairs from 16 rows each), or pairs per step (pairwise)
     lr: float = 1e-3                  # peak learning rate (AdamW)
     warmup_steps: int = 20            # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.1         # the cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.1         # AdamW weight decay on matrices
     grad_clip: float = 1.0            # clip the global gradient norm to this
-    eval_every: int = 50              # steps between held-out evaluations (and checkpoints)
+    eval_every: int = 100             # steps between held-out evaluations (and checkpoints)
     max_prompt_tokens: int = 16       # longer prompts are refused
     max_new_tokens: int = 48          # length limit of the SFT samples used for normalisation
     n_norm_prompts: int = 256         # train records whose prompts' SFT samples set the reward's mean and std

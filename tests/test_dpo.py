@@ -23,9 +23,10 @@ from minirlhf.baselines import (PREFERRED_FT, BestOfNConfig, best_of_n_kl_bound,
 from minirlhf.checkpoints import load_gpt, save_model
 from minirlhf.collect import CollectConfig, collect
 from minirlhf.common import apply_overrides
-from minirlhf.data import completion_batch, default_path, read_jsonl
-from minirlhf.dpo import DPOConfig, dpo_batch_loss, load_preferences, train_dpo
+from minirlhf.data import completion_batch, default_path, read_jsonl, shift_for_loss
+from minirlhf.dpo import PLAIN_DPO, DPOConfig, dpo_batch_loss, load_preferences, train_dpo
 from minirlhf.evaluate import evaluate_policy
+from minirlhf.losses import sft_loss
 from minirlhf.model import ScalarHeadModel
 from minirlhf.sampling import sequence_logprobs
 from minirlhf.sft import SFTConfig, train_sft
@@ -70,7 +71,7 @@ def test_training_batch_at_initialisation(pipeline, loss_type, expected):
     """Policy = reference: h = 0 in every pair, so the loss is its value at 0 and all rewards are 0."""
     sft_dir, pairs, _ = pipeline
     tokenizer = load_tokenizer()
-    config = apply_overrides(DPOConfig(), {"beta": 0.5, "loss_type": loss_type})
+    config = apply_overrides(DPOConfig(), {"beta": 0.5, "loss_type": loss_type, "nll_coef": 0.0})   # the loss alone
     reference, policy = load_gpt(sft_dir, tokenizer=tokenizer), load_gpt(sft_dir, tokenizer=tokenizer)
     prefs = load_preferences(pairs, tokenizer, reference, config, "cpu")
     loss, metrics = dpo_batch_loss(policy, prefs, torch.arange(0, 64, 3), config, tokenizer.eot_token, "cpu")
@@ -88,9 +89,10 @@ def test_nll_term_adds_the_per_token_nll_of_each_pairs_chosen_response(pipeline)
     reference = load_gpt(sft_dir, tokenizer=tokenizer)
     prefs = load_preferences(pairs, tokenizer, reference, DPOConfig(), "cpu")
     ids = torch.arange(0, 30, 2)
-    plain, _ = dpo_batch_loss(reference, prefs, ids, DPOConfig(), tokenizer.eot_token, "cpu")
-    with_nll, metrics = dpo_batch_loss(reference, prefs, ids, apply_overrides(DPOConfig(), {"nll_coef": 0.5}),
-                                       tokenizer.eot_token, "cpu")
+    plain, _ = dpo_batch_loss(reference, prefs, ids, apply_overrides(DPOConfig(), {"nll_coef": 0.0}),
+                              tokenizer.eot_token, "cpu")
+    assert DPOConfig().nll_coef == 0.5                                        # the kit's default is RPO
+    with_nll, metrics = dpo_batch_loss(reference, prefs, ids, DPOConfig(), tokenizer.eot_token, "cpu")
     per_token = []
     for n in ids.tolist():
         tokens, mask, response = completion_batch([prefs.sequences[prefs.pairs[n, 0]]], tokenizer.eot_token)
@@ -195,7 +197,8 @@ def test_dpo_raises_the_margin_and_the_gold_reward(pipeline, dpo_run):
     assert load_gpt(out).config == load_gpt(pipeline[0]).config
 
 
-@pytest.mark.parametrize("overrides", [{"loss_type": "ipo"}, {"label_smoothing": 0.1}], ids=["ipo", "cdpo"])
+@pytest.mark.parametrize("overrides", [{"loss_type": "ipo"}, {"label_smoothing": 0.1}, PLAIN_DPO],
+                         ids=["ipo", "cdpo", "plain-dpo"])
 def test_variants_run_end_to_end(pipeline, tmp_path, overrides):
     sft_dir, pairs, _ = pipeline
     summary = train_dpo(apply_overrides(DPOConfig(), {**QUICK, **overrides}), sft_dir, pairs, tmp_path, progress=False)
@@ -211,6 +214,22 @@ def test_oracle_best_of_n_improves_the_gold_reward(pipeline, tmp_path):
     assert summary["eval/gold_reward"] > summary["bon/gold_reward_all_samples"] + 0.05
     assert summary["eval/gold_reward"] > sft_eval["eval/gold_reward"]
     assert summary["eval/kl"] == pytest.approx(math.log(4) - 0.75)
+
+
+def test_preferred_ft_loss_is_sft_on_the_chosen_row_of_every_pair(pipeline):
+    """Reference: copy the chosen sequence of each pair into its own row and take the plain SFT loss."""
+    sft_dir, pairs, _ = pipeline
+    tokenizer = load_tokenizer()
+    model = load_gpt(sft_dir, tokenizer=tokenizer)
+    config = apply_overrides(DPOConfig(), PREFERRED_FT)
+    prefs = load_preferences(pairs, tokenizer, model, config, "cpu", with_reference=False)
+    ids = torch.arange(0, 24)                          # 4 rankings of K=4: a completion wins 0 to 3 pairs
+    loss, metrics = preferred_ft_batch_loss(model, prefs, ids, config, tokenizer.eot_token, "cpu")
+    chosen = [prefs.sequences[int(i)] for i in prefs.pairs[ids, 0]]
+    inputs, input_mask, targets, loss_mask = shift_for_loss(*completion_batch(chosen, tokenizer.eot_token))
+    expected, expected_metrics = sft_loss(model(inputs, input_mask), targets, loss_mask)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert metrics["sft/tokens"] == expected_metrics["sft/tokens"]
 
 
 def test_preferred_ft_raises_the_chosen_logprobs(pipeline, tmp_path):
