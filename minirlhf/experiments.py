@@ -43,7 +43,7 @@ class FrontierConfig:
     n_eval: int = 128                         # test prompts per periodic evaluation
     ppo_eval_every: int = 10                  # PPO iterations between evaluations
     dpo_eval_every: int = 40                  # DPO steps between evaluations (Preferred-FT: a fifth of it)
-    overopt_iterations: int = 120             # length of the no-KL PPO run (over-optimisation)
+    overopt_iterations: int = 60              # length of the no-KL PPO run (over-optimisation)
     seed: int = 0                             # seed of every run
 
     def validate(self):
@@ -216,16 +216,21 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
     overopt_dir = out / "runs" / "ppo_overoptimisation"
     if not (resume and (overopt_dir / "summary.json").exists()):
         base_cfg = common.apply_overrides(ppo.PPOConfig(), ppo.FAST) if fast else ppo.PPOConfig()
-        # evaluated twice as often as the sweep's runs: the gold reward peaks early
+        # evaluated every iteration: without the KL penalty the gold reward peaks within a few
         cfg = common.apply_overrides(base_cfg, dict(seed=config.seed, kl_coef=0.0,
-                                                    iterations=config.overopt_iterations,
-                                                    eval_every=max(1, config.ppo_eval_every // 2),
+                                                    iterations=config.overopt_iterations, eval_every=1,
                                                     n_periodic_eval=config.n_eval,
                                                     n_eval_samples=config.n_eval))
         ppo.train_ppo(cfg, base / "sft", base / "rm", overopt_dir, progress=False, overwrite=overwrite,
                       resume=resume and (overopt_dir / "checkpoint.pt").exists())
     overopt = [r for r in map(json.loads, (overopt_dir / "metrics.jsonl").read_text().splitlines())
                if "eval/gold_reward" in r]
+    # its starting point: Best-of-1 is the SFT model's own samples on the same test prompts, scored
+    # by the same reward model and gold judge
+    best_of_1 = [r["final"] for r in results.get("best_of_n", []) if r["label"] == "N=1"]
+    if best_of_1 and "eval/proxy_reward" in best_of_1[0]:
+        overopt.insert(0, {"step": 0, "eval/kl": 0.0, "eval/gold_reward": best_of_1[0]["eval/gold_reward"],
+                           "eval/proxy_reward": best_of_1[0]["eval/proxy_reward"]})
 
     temperatures = floats(config.temperatures)
     rates = win_rates({m: finals[m] for m in ("ppo", "dpo", "rpo", "preferred_ft", "ppo_gt") if m in finals}, base,

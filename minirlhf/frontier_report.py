@@ -122,11 +122,13 @@ def comparison(best, a, b, n_eval):
 def overoptimisation_sentences(rows):
     if not rows:
         return ["The over-optimisation run logged no evaluations."]
+    first, last = rows[0], rows[-1]
     peak = max(rows, key=lambda r: r["eval/gold_reward"])
-    last = rows[-1]
     verdict = ("the proxy reward kept rising while the gold reward fell: reward hacking"
                if last["eval/proxy_reward"] > peak["eval/proxy_reward"] and last["eval/gold_reward"] < peak["eval/gold_reward"] - 0.05
                else "the gold reward did not fall clearly in this run")
-    return [f"Gold reward peaked at {peak['eval/gold_reward']:.3f} (KL {peak['eval/kl']:.1f}, proxy "
-            f"{peak['eval/proxy_reward']:.2f}); at the end of the run it was {last['eval/gold_reward']:.3f} at KL "
-            f"{last['eval/kl']:.1f} with proxy {last['eval/proxy_reward']:.2f}: {verdict}."]
+    start = (f"From gold {first['eval/gold_reward']:.3f} and proxy {first['eval/proxy_reward']:.2f} at "
+             f"{'the SFT model' if first['step'] == 0 else 'iteration ' + str(first['step'])} (KL {first['eval/kl']:.1f}), ")
+    return [start + f"the gold reward peaked at {peak['eval/gold_reward']:.3f} (iteration {peak['step']}, KL "
+            f"{peak['eval/kl']:.1f}, proxy {peak['eval/proxy_reward']:.2f}); at the end of the run it was "
+            f"{last['eval/gold_reward']:.3f} at KL {last['eval/kl']:.1f} with proxy {last['eval/proxy_reward']:.2f}: {verdict}."]
