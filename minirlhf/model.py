@@ -252,13 +252,15 @@ class GPT(nn.Module):
     def generate(self, idx: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 32,
                  temperature: float = 1.0, top_k: Optional[int] = None, eos_token_id: Optional[int] = None,
                  use_cache: bool = True, generator: Optional[torch.Generator] = None,
-                 return_logits: bool = False) -> Generation:
+                 return_logits: bool = False, drop_finished: bool = True) -> Generation:
         """Sample max_new_tokens after each prompt of a left-padded batch.
 
         idx (B, T0) long; attention_mask (B, T0) 0/1 (None = no padding). A row that emits
         EOS keeps emitting eos_token_id as padding (attention 0); the loop stops early once
         every row has finished, and the result is padded to T0 + max_new_tokens. With
         use_cache=False the whole sequence is recomputed each step (the slow reference).
+        drop_finished=False keeps finished rows in the working batch (same results for each
+        row under greedy decoding; sampled rows draw other random numbers), for benchmarks.
         Uses the module's current mode: call `.eval()` first if dropout > 0.
         """
         B, T0 = idx.shape
@@ -300,7 +302,7 @@ class GPT(nn.Module):
             done = done | (next_token == eos_token_id)
             if done.all():
                 break
-            if 4 * int(done.sum()) >= len(rows):  # drop the finished rows from the working batch
+            if drop_finished and 4 * int(done.sum()) >= len(rows):  # drop the finished rows from the working batch
                 finished[rows[done]] = True
                 keep = ~done
                 rows, tokens, live_mask, done = rows[keep], tokens[keep], live_mask[keep], done[keep]

@@ -11,7 +11,7 @@ from minirlhf.losses import token_logprobs
 
 
 def generate(model, tokenizer, prompts, *, max_new_tokens, max_prompt_tokens, temperature=1.0,
-             top_k=None, generator=None):
+             top_k=None, generator=None, drop_finished=True):
     """Sample one completion for each prompt (one batch).
 
     Returns (generation, completions): the model's Generation (tokens, attention_mask,
@@ -22,7 +22,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, max_prompt_tokens, te
     tokens, mask = pad_left(ids, tokenizer.eot_token)                     # (B, T0)
     out = model.generate(tokens.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, eos_token_id=tokenizer.eot_token,
-                         generator=generator)
+                         generator=generator, drop_finished=drop_finished)
     completions = decode_responses(tokenizer, out.tokens, out.response_mask)
     return out, completions
 

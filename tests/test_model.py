@@ -247,15 +247,16 @@ def test_eos_masks_padding_and_finished_flags():
     assert len(stops) > 3 and N in stops  # rows stop at different times, and some never stop
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_rows_leaving_the_batch_after_eos_change_no_other_row(use_cache):
+@pytest.mark.parametrize("use_cache, drop_finished", [(True, True), (False, True), (True, False)])
+def test_rows_leaving_the_batch_after_eos_change_no_other_row(use_cache, drop_finished):
     # generate drops finished rows from its working batch; greedy decoding makes each row's
     # result independent of the others, so the batch must reproduce each row run alone
     model = force_eos_bias(tiny_gpt(2), eos_logit=2.5)
     prompts = [[3, 4, 5], [9], [11, 12], [20, 21, 22, 23], [30], [31, 32], [40, 41], [6], [44, 45, 46]]
     idx, mask = left_pad(prompts)
     N = 14
-    kw = dict(max_new_tokens=N, temperature=0.0, eos_token_id=EOS, return_logits=True, use_cache=use_cache)
+    kw = dict(max_new_tokens=N, temperature=0.0, eos_token_id=EOS, return_logits=True, use_cache=use_cache,
+              drop_finished=drop_finished)
     batch = model.generate(idx, mask, **kw)
     lengths = batch.response_mask.sum(-1).tolist()
     assert len(set(lengths)) >= 3 and min(lengths) * 2 <= max(lengths)   # rows leave at different steps
