@@ -304,8 +304,9 @@ COMMANDS = {
     "collect": (cmd_collect, "step 2: simulated labelers rank samples of the SFT model", collect_flags),
     "rm": (cmd_rm, "step 2: a reward model learns the preferences (--set loss=pairwise|ranking)", rm_flags),
     "ppo": (cmd_ppo, "step 3: RLHF with PPO against the reward model", ppo_flags),
-    "dpo": (cmd_dpo, "the direct alternative: DPO on the preference pairs, plus an NLL term on the chosen "
-                     "(RPO; --set nll_coef=0 beta=1 lr=2e-4: the paper's loss; --set loss_type=...)", dpo_flags),
+    "dpo": (cmd_dpo, "the direct alternative: DPO on the preference pairs, plus an NLL term on the "
+                     "chosen (RPO; --set nll_coef=0 beta=1 lr=2e-4: the paper's loss; --set loss_type=...)",
+            dpo_flags),
     "pft": (cmd_pft, "baseline: Preferred-FT, SFT on the chosen responses (DPO loop, loss_type=preferred_ft)", dpo_flags),
     "bon": (cmd_bon, "baseline: Best-of-N samples of the SFT model ranked by the reward model", bon_flags),
     "frontier": (cmd_frontier, "the reward-vs-KL frontier sweep of DPO, PPO and baselines (DPO paper Fig. 2)",

@@ -173,9 +173,8 @@ def by_length_in_chunks(fn, examples, pad_id, device, chunk_rows):
     for start in range(0, len(order), chunk_rows):
         batch = completion_batch([examples[i] for i in order[start:start + chunk_rows]], pad_id)
         parts.append(fn(*(t.to(device) for t in batch)))                  # (b,)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(parts)[inverse.to(parts[0].device)]                 # (N,)
+    inverse = torch.argsort(torch.tensor(order))                         # (N,) where each example went
+    return torch.cat(parts)[inverse.to(parts[0].device)]                 # (N,) back in the input order
 
 
 def shift_for_loss(tokens, attention_mask, response_mask):

@@ -108,7 +108,6 @@ class Preferences:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def logps_of_sequences(model, sequences, pad_id, device, batch_size=256):
     """(S,) summed response log-probs of (ids, n_prompt) examples, batched by length (less padding)."""
     return by_length_in_chunks(lambda *batch: sequence_logprobs(model, *batch), sequences, pad_id, device,
@@ -195,10 +194,11 @@ def dpo_batch_loss(policy, prefs, ids, config, pad_id, device):
     metrics["logps/chosen"] = chosen.mean().item()
     metrics["logps/rejected"] = rejected.mean().item()
     if config.nll_coef > 0:
-        # RPO: keep the chosen responses likely, per token (a ranking's best response is in K-1 pairs)
-        lengths = torch.tensor([len(prefs.sequences[i][0]) - prefs.sequences[i][1] for i in rows.tolist()],
-                               device=device).clamp(min=1)                  # (U,) response tokens (EOS too)
-        nll = -(logps / lengths)[index[:, 0]].mean()
+        # RPO: the chosen responses' NLL per token, averaged over pairs (a ranking's best is in K-1 pairs)
+        ids_and_prompts = [prefs.sequences[i] for i in rows.tolist()]
+        lengths = torch.tensor([len(ids) - n_prompt for ids, n_prompt in ids_and_prompts],
+                               device=device).clamp(min=1)                  # (U,) response tokens, EOS included
+        nll = -(logps / lengths)[index[:, 0]].mean()                         # (U,) -> (P,) chosen rows -> scalar
         loss = loss + config.nll_coef * nll
         metrics["loss/nll_chosen"] = nll.item()
     return loss, metrics

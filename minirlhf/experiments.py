@@ -27,8 +27,8 @@ import torch
 
 from minirlhf import common
 
-COLOURS = {"dpo": "tab:red", "rpo": "tab:brown", "ppo": "tab:blue", "ppo_gt": "tab:purple", "preferred_ft": "tab:green",
-           "best_of_n": "tab:orange", "sft": "black"}
+COLOURS = {"dpo": "tab:red", "rpo": "tab:brown", "ppo": "tab:blue", "ppo_gt": "tab:purple",
+           "preferred_ft": "tab:green", "best_of_n": "tab:orange", "sft": "black"}
 
 
 @dataclasses.dataclass
@@ -63,8 +63,9 @@ class FrontierConfig:
         common.require(self.dpo_eval_every >= 0, "dpo_eval_every must be >= 0 (0: final evaluation only)")
 
 
-FAST = dict(dpo_betas="0.1,1.0", rpo_betas="0.25", ppo_kl_coefs="0.05,0.5", ppo_gt_kl_coefs="0.05", bon_ns="1,4",
-            temperatures="0.5,1.0", n_eval=32, ppo_eval_every=4, dpo_eval_every=10, overopt_iterations=12)
+FAST = dict(dpo_betas="0.1,1.0", rpo_betas="0.25", ppo_kl_coefs="0.05,0.5", ppo_gt_kl_coefs="0.05",
+            bon_ns="1,4", temperatures="0.5,1.0", n_eval=32, ppo_eval_every=4, dpo_eval_every=10,
+            overopt_iterations=12)
 
 
 def floats(text):
@@ -233,8 +234,8 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
                            "eval/proxy_reward": best_of_1[0]["eval/proxy_reward"]})
 
     temperatures = floats(config.temperatures)
-    rates = win_rates({m: finals[m] for m in ("ppo", "dpo", "rpo", "preferred_ft", "ppo_gt") if m in finals}, base,
-                      temperatures, config.n_eval, config.seed)
+    rates = win_rates({m: finals[m] for m in ("ppo", "dpo", "rpo", "preferred_ft", "ppo_gt") if m in finals},
+                      base, temperatures, config.n_eval, config.seed)
     plot_frontier(results, temperatures, rates, out / "frontier.png")
     plot_overoptimisation(overopt, out / "overoptimisation.png")
     summary = {"results": results, "win_rates": {"temperatures": temperatures, **rates},

@@ -74,8 +74,8 @@ def write_report(summary, path):
     best = {m: [best_within(_all_points(results[m]), b) for b in KL_BUDGETS] for m in methods}
     for m in methods:
         lines.append(f"| {NAMES[m]} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in best[m]) + " |")
-    lines += ["", *comparison(best, "dpo", "ppo", summary["n_eval"]), "", *comparison(best, "rpo", "ppo", summary["n_eval"]),
-              "", "## Every run", "",
+    lines += ["", *comparison(best, "dpo", "ppo", summary["n_eval"]),
+              "", *comparison(best, "rpo", "ppo", summary["n_eval"]), "", "## Every run", "",
               "| method | setting | final gold reward | final KL | train seconds |", "| --- | --- | ---: | ---: | ---: |"]
     for m in methods:
         for run in results[m]:
@@ -124,11 +124,13 @@ def overoptimisation_sentences(rows):
         return ["The over-optimisation run logged no evaluations."]
     first, last = rows[0], rows[-1]
     peak = max(rows, key=lambda r: r["eval/gold_reward"])
-    verdict = ("the proxy reward kept rising while the gold reward fell: reward hacking"
-               if last["eval/proxy_reward"] > peak["eval/proxy_reward"] and last["eval/gold_reward"] < peak["eval/gold_reward"] - 0.05
+    hacked = (last["eval/proxy_reward"] > peak["eval/proxy_reward"]
+              and last["eval/gold_reward"] < peak["eval/gold_reward"] - 0.05)
+    verdict = ("the proxy reward kept rising while the gold reward fell: reward hacking" if hacked
                else "the gold reward did not fall clearly in this run")
-    start = (f"From gold {first['eval/gold_reward']:.3f} and proxy {first['eval/proxy_reward']:.2f} at "
-             f"{'the SFT model' if first['step'] == 0 else 'iteration ' + str(first['step'])} (KL {first['eval/kl']:.1f}), ")
-    return [start + f"the gold reward peaked at {peak['eval/gold_reward']:.3f} (iteration {peak['step']}, KL "
-            f"{peak['eval/kl']:.1f}, proxy {peak['eval/proxy_reward']:.2f}); at the end of the run it was "
-            f"{last['eval/gold_reward']:.3f} at KL {last['eval/kl']:.1f} with proxy {last['eval/proxy_reward']:.2f}: {verdict}."]
+    where = "the SFT model" if first["step"] == 0 else f"iteration {first['step']}"
+    return [f"From gold {first['eval/gold_reward']:.3f} and proxy {first['eval/proxy_reward']:.2f} at {where} "
+            f"(KL {first['eval/kl']:.1f}), the gold reward peaked at {peak['eval/gold_reward']:.3f} (iteration "
+            f"{peak['step']}, KL {peak['eval/kl']:.1f}, proxy {peak['eval/proxy_reward']:.2f}); at the end of the "
+            f"run it was {last['eval/gold_reward']:.3f} at KL {last['eval/kl']:.1f} with proxy "
+            f"{last['eval/proxy_reward']:.2f}: {verdict}."]

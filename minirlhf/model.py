@@ -173,7 +173,9 @@ class Generation:
     attention_mask: Tensor  #: long 0/1: the prompts' real tokens and sampled tokens up to and including EOS
     response_mask: Tensor  #: long 0/1: only the sampled tokens up to and including EOS
     finished: Tensor  #: (B,) bool, True where the row emitted EOS
-    logits: Optional[Tensor] = None  #: (B, steps run, V) raw next-token logits, with return_logits=True; 0 once a row has left the batch after its EOS
+    #: (B, steps run, V) raw next-token logits, with return_logits=True; 0 once a row has left the
+    #: working batch after its EOS
+    logits: Optional[Tensor] = None
 
 
 def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
@@ -279,7 +281,8 @@ class GPT(nn.Module):
         # The working batch: the rows still being extended (`rows`), with their tokens, mask
         # and cache. Finished rows leave it once they are a quarter of it: a batch of reviews
         # runs as long as its longest one, about twice the mean length.
-        rows, tokens, live_mask, done, past = torch.arange(B, device=idx.device), idx, mask, finished.clone(), None
+        rows = torch.arange(B, device=idx.device)  # (b,) which rows of the batch are still being extended
+        tokens, live_mask, done, past = idx, mask, finished.clone(), None  # (b, T), (b, T), (b,), cache
         steps = 0
         for t in range(max_new_tokens):
             if use_cache and past is not None:
@@ -302,7 +305,7 @@ class GPT(nn.Module):
             done = done | (next_token == eos_token_id)
             if done.all():
                 break
-            if drop_finished and 4 * int(done.sum()) >= len(rows):  # drop the finished rows from the working batch
+            if drop_finished and 4 * int(done.sum()) >= len(rows):  # drop the finished rows from the work
                 finished[rows[done]] = True
                 keep = ~done
                 rows, tokens, live_mask, done = rows[keep], tokens[keep], live_mask[keep], done[keep]

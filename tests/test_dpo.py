@@ -241,10 +241,11 @@ def test_preferred_ft_raises_the_chosen_logprobs(pipeline, tmp_path):
     sft_model = load_gpt(sft_dir, tokenizer=tokenizer)
     prefs = load_preferences(pairs, tokenizer, sft_model, config, "cpu", with_reference=False)
     ids = torch.arange(min(200, len(prefs.pairs)))
-    before = preferred_ft_batch_loss(sft_model, prefs, ids, config, tokenizer.eot_token, "cpu")
-    after = preferred_ft_batch_loss(load_gpt(tmp_path, tokenizer=tokenizer), prefs, ids, config, tokenizer.eot_token, "cpu")
-    assert after[0].item() < before[0].item() - 0.005      # the chosen texts are SFT samples: a small gain
-    assert after[1]["logps/chosen"] > before[1]["logps/chosen"]
+    trained = load_gpt(tmp_path, tokenizer=tokenizer)
+    loss_before, before = preferred_ft_batch_loss(sft_model, prefs, ids, config, tokenizer.eot_token, "cpu")
+    loss_after, after = preferred_ft_batch_loss(trained, prefs, ids, config, tokenizer.eot_token, "cpu")
+    assert loss_after.item() < loss_before.item() - 0.005    # the chosen texts are SFT samples: a small gain
+    assert after["logps/chosen"] > before["logps/chosen"]
     assert "eval/reward_accuracy" in summary and "eval/kl" in summary
     assert json.loads((tmp_path / "config.json").read_text())["stage"] == "pft"
 

@@ -6,6 +6,7 @@ measured numbers; and that `frontier --from` reuses that run's models and writes
 figures and a report that compares DPO and PPO with a noise threshold.
 """
 import json
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,16 @@ def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
                                                        "overopt_iterations": 4, "ppo_gt_kl_coefs": "0.05"})
     summary = run_frontier(config, tmp_path / "frontier", base_dir=base, fast=True, progress=False)
     assert not (tmp_path / "frontier" / "base").exists()                  # the run's models were reused
-    assert {"dpo", "ppo", "ppo_gt", "preferred_ft", "best_of_n", "sft"} <= summary["results"].keys()
+    assert {"dpo", "rpo", "ppo", "ppo_gt", "preferred_ft", "best_of_n", "sft"} <= summary["results"].keys()
+    # the paper's DPO and RPO are different runs: the one without and the one with the NLL term
+    dpo_config, rpo_config = (json.loads((Path(summary["results"][m][0]["dir"]) / "config.json").read_text())
+                              for m in ("dpo", "rpo"))
+    assert dpo_config["nll_coef"] == 0.0 and rpo_config["nll_coef"] > 0
+    # over-optimisation: the SFT model's Best-of-1 evaluation, then one evaluation per iteration
+    overopt = summary["overoptimisation"]
+    best_of_1 = next(r["final"] for r in summary["results"]["best_of_n"] if r["label"] == "N=1")
+    assert [r["step"] for r in overopt] == [0, 1, 2, 3, 4]
+    assert (overopt[0]["eval/kl"], overopt[0]["eval/gold_reward"]) == (0.0, best_of_1["eval/gold_reward"])
     for name in ("frontier.png", "overoptimisation.png", "frontier.md"):
         assert (tmp_path / "frontier" / name).exists(), f"{name}"
     report = (tmp_path / "frontier" / "frontier.md").read_text()
