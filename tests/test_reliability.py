@@ -60,6 +60,19 @@ def comparable(summary):
     return {k: v for k, v in summary.items() if not (k.endswith("seconds") or k.endswith("_per_s"))}
 
 
+def floats_within(rel):
+    """`comparable` of a summary, with its floats as pytest.approx(rel=rel) and the rest exact."""
+    def approx(value):
+        if isinstance(value, float):
+            return pytest.approx(value, rel=rel, abs=0)
+        if isinstance(value, dict):
+            return {k: approx(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [approx(v) for v in value]
+        return value
+    return lambda summary: approx(comparable(summary))
+
+
 def raise_if_unfinished(err):
     """In a student copy, a stage may stop at an exercise's stub: pass that on as the stub's own
     NotImplementedError, so that conftest.py skips the test until the exercise is done."""
@@ -405,7 +418,10 @@ def test_sft_killed_by_sigterm_or_ctrl_c_resumes_to_the_same_summary(files, tmp_
         code, _, _ = cli(capsys, "sft", "--out", out, *flags, "--resume")
         assert code == 0
         resumed = json.loads((out / "summary.json").read_text())
-        assert comparable(resumed) == comparable(whole), f"{sig.name}"
+        # Another process: the same steps, but MKL's matrix products are not promised to round
+        # the same way in two processes (a CI run once had eval/loss 2.0820925 vs 2.0820937).
+        # 1e-5 is far tighter than a lost or repeated step; the sampled texts stay exact.
+        assert comparable(resumed) == floats_within(1e-5)(whole), f"{sig.name}"
         assert not (out / "checkpoint.pt").exists()
 
 
