@@ -1,4 +1,4 @@
-"""The two speed-ups that keep collect, the reward model and DPO in budget, measured.
+"""The speed-ups that keep collect, the reward model and DPO in budget, measured.
 
 1. Sampling: `GPT.generate` drops finished rows from its working batch (`drop_finished`).
    Without it a batch of reviews runs as long as its longest one. Measured on the SFT model
@@ -7,6 +7,8 @@
 2. Preference steps: the sequences of a step run in length-sorted chunks
    (`data.by_length_in_chunks`) instead of one padded batch. Measured as reward-model
    training steps (forward, backward, AdamW) on random batches of `rankings.jsonl`.
+3. The reward model reads one token, so its last block computes only that token's query
+   and MLP (`GPT.hidden_states(at=...)`): measured against a full pass read at that token.
 
 Each variant gets one warm-up, then the best of 3 (sampling) or the mean over 20 steps.
 Run: python benchmarks/bench_preferences.py --run runs/<a run folder>
@@ -22,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minirlhf.checkpoints import load_gpt  # noqa: E402
 from minirlhf.data import by_length_in_chunks, default_path, encode_example, read_jsonl  # noqa: E402
-from minirlhf.model import ScalarHeadModel  # noqa: E402
+from minirlhf.model import ScalarHeadModel, last_token_index  # noqa: E402
 from minirlhf.sampling import generate  # noqa: E402
 from minirlhf.tokenizer import load_tokenizer  # noqa: E402
 
@@ -44,7 +46,14 @@ def sampling_seconds(model, tokenizer, prompts, batch_size, drop_finished):
     return min(run() for _ in range(3))
 
 
-def step_milliseconds(model, tokenizer, batches, chunk_rows):
+def score_with_a_full_pass(model, tokens, mask):
+    """What `ScalarHeadModel.score` computed before it asked the trunk for one position: every
+    position's scalar, then the one at the last real token."""
+    values = model(tokens, mask)  # (b, T)
+    return model.reward_gain * values[torch.arange(len(tokens)), last_token_index(mask)] + model.reward_bias
+
+
+def step_milliseconds(model, tokenizer, batches, chunk_rows, full_pass=False):
     """Mean milliseconds of one reward-model step over `batches`; and the share of padding."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     positions = {"all": 0, "real": 0}          # of the padded batches the model actually saw
@@ -52,7 +61,7 @@ def step_milliseconds(model, tokenizer, batches, chunk_rows):
     def score(tokens, mask, _):
         positions["all"] += mask.numel()
         positions["real"] += int(mask.sum())
-        return model.score(tokens, mask)       # (b,)
+        return score_with_a_full_pass(model, tokens, mask) if full_pass else model.score(tokens, mask)  # (b,)
 
     def step(examples):
         rewards = by_length_in_chunks(score, examples, tokenizer.eot_token, "cpu", chunk_rows)
@@ -99,13 +108,13 @@ def main():
     rows = len(batches[0])
     print(f"\nReward-model steps, {RANKINGS_PER_STEP} rankings of K = {len(examples[0])} ({rows} sequences), "
           f"mean of {STEPS}:\n")
-    print("| chunks | ms/step | padding |")
-    print("| --- | ---: | ---: |")
+    print("| chunks | last block | ms/step | padding |")
+    print("| --- | --- | ---: | ---: |")
     reward_model = ScalarHeadModel.from_gpt(model).train()
-    for chunk_rows in (rows, 32, 16):
-        ms, padding = step_milliseconds(reward_model, tokenizer, batches, chunk_rows)
+    for chunk_rows, full_pass in ((rows, True), (32, True), (16, True), (16, False)):
+        ms, padding = step_milliseconds(reward_model, tokenizer, batches, chunk_rows, full_pass)
         name = "one padded batch" if chunk_rows == rows else f"sorted, {chunk_rows} rows each"
-        print(f"| {name} | {ms:.0f} | {padding:.0%} |")
+        print(f"| {name} | {'every position' if full_pass else 'last token only'} | {ms:.0f} | {padding:.0%} |")
 
 
 if __name__ == "__main__":

@@ -223,6 +223,28 @@ def test_score_reads_the_last_real_token_whatever_the_padding():
     assert not torch.allclose(values[1, -1], unpadded)  # reading the final column would be wrong
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_hidden_states_at_one_position_equal_the_full_pass_values_and_gradients(bias):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(bias=bias))
+    idx = torch.randint(0, model.config.vocab_size, (4, 7))
+    mask = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0]])
+    at = torch.tensor([6, 3, 0, 5])  # any real position, not only the last
+    probe = torch.randn(4, model.config.n_embd) / 10  # a loss = <probe, h>, with unit-scale gradients
+    full = model.hidden_states(idx, mask)[torch.arange(4), at]  # (4, C), every position computed
+    (probe * full).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    one = model.hidden_states(idx, mask, at=at)  # (4, 1, C)
+    (probe * one[:, 0]).sum().backward()
+    assert one.shape == (4, 1, model.config.n_embd)
+    torch.testing.assert_close(one[:, 0], full)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="no cache"):
+        model._trunk(idx[:, -1:], mask, past_kvs=model._trunk(idx[:, :-1], mask[:, :-1])[1], at=at)
+
+
 # ---------------------------------------------------------------------------
 # Generation semantics
 
