@@ -202,8 +202,13 @@ def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int], 
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
-    probs = logits.softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    # Inverse-CDF sampling: the first token whose cumulative probability reaches u ~ U(0, total].
+    # One uniform per row; torch.multinomial draws one exponential per row AND token, which was
+    # a fifth of the time of sampling 1024 reviews.
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V), cdf[:, -1] is 1 up to round-off
+    u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # (B, 1), u > 0
+    # A token of probability 0 adds nothing to the cdf, so an earlier index always reaches u first.
+    return torch.searchsorted(cdf, u).squeeze(-1)  # (B,)
 
 
 class GPT(nn.Module):

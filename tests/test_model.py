@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minirlhf.model import (GPT, CausalSelfAttention, GPTConfig, ScalarHeadModel, attention_reference,
-                            build_attention_mask, last_token_index, position_ids)
+                            build_attention_mask, last_token_index, position_ids, sample_next_token)
 
 V = 50
 EOS = 1
@@ -323,6 +323,21 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     assert not torch.equal(sample(0, temperature=2.0), sample(1, temperature=2.0))
     greedy = model.generate(idx, max_new_tokens=10, temperature=0.0).tokens
     assert torch.equal(sample(5, top_k=1), greedy)
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_sampled_tokens_follow_the_softmax_and_top_k_never_draws_the_rest(top_k):
+    logits = torch.tensor([-50.0, 1.0, 0.0, 2.0, -1.0, -50.0, 0.5])  # tokens 0 and 5: probability ~0
+    n = 200_000
+    tokens = sample_next_token(logits.expand(n, -1), 1.0, top_k, torch.Generator().manual_seed(0))  # (n,)
+    freq = torch.bincount(tokens, minlength=len(logits)) / n  # (V,)
+    kept = logits if top_k is None else logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
+    expected = kept.softmax(dim=-1)  # (V,)
+    # 5 standard errors of a frequency of n draws, at most sqrt(0.25 / n) = 0.0011
+    torch.testing.assert_close(freq, expected, atol=5 * (0.25 / n) ** 0.5, rtol=0)
+    assert freq[0] == freq[5] == 0
+    if top_k is not None:
+        assert set(tokens.unique().tolist()) == {1, 3, 6}
 
 
 def test_generate_refuses_to_run_past_block_size():
