@@ -37,7 +37,7 @@ class CollectConfig:
     """Sample K completions per prompt from the SFT policy and have a simulated labeler rank them."""
     prompts: str = str(default_path("prompts_train"))  # prompts JSONL: {"prompt"}
     task: str = "reviews"              # whose gold judge the labeler follows
-    n_prompts: int = 1500              # prompts to label (train + held-out)
+    n_prompts: int = 2000              # prompts to label (train + held-out)
     test_fraction: float = 0.1         # share of prompts held out for reward-model evaluation
     k: int = 16                        # completions per prompt (InstructGPT: 4 to 9; see docs/reward.md for 16)
     sample_temperature: float = 1.0    # sampling temperature of the SFT policy

@@ -52,7 +52,7 @@ class RewardConfig:
     loss: str = "ranking"             # "ranking" (K-wise, InstructGPT; rankings.jsonl) or "pairwise" (pairs.jsonl)
     test_prefs: Optional[str] = None  # held-out preferences; None: the sibling *_test.jsonl of --prefs
     task: str = "reviews"             # whose gold judge gives eval/bayes_accuracy and eval/gold_corr
-    steps: int = 270                  # optimiser steps (1.6 passes over collect's 1350 rankings; 60 s budget)
+    steps: int = 340                  # optimiser steps (1.5 passes over collect's 1800 rankings; 60 s budget)
     batch_size: int = 8               # rankings per step (K=16: 120 pairs from 16 rows each), or pairs per step (pairwise)
     lr: float = 1e-3                  # peak learning rate (AdamW)
     warmup_steps: int = 20            # linear warm-up steps before the cosine decay

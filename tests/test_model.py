@@ -224,7 +224,7 @@ def test_score_reads_the_last_real_token_whatever_the_padding():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_hidden_states_at_one_position_equal_the_full_pass_values_and_gradients(bias):
+def test_one_position_of_the_hidden_states_equals_the_full_pass_values_and_gradients(bias):
     torch.manual_seed(0)
     model = GPT(tiny_config(bias=bias))
     idx = torch.randint(0, model.config.vocab_size, (4, 7))
