@@ -206,6 +206,8 @@ def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int], 
     # One uniform per row; torch.multinomial draws one exponential per row AND token, which was
     # a fifth of the time of sampling 1024 reviews.
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V), cdf[:, -1] is 1 up to round-off
+    if not torch.isfinite(cdf[:, -1]).all():
+        raise ValueError("cannot sample: the next-token logits contain NaN or inf (has training diverged?)")
     u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # (B, 1), u > 0
     # A token of probability 0 adds nothing to the cdf, so an earlier index always reaches u first.
     return torch.searchsorted(cdf, u).squeeze(-1)  # (B,)

@@ -340,6 +340,12 @@ def test_sampled_tokens_follow_the_softmax_and_top_k_never_draws_the_rest(top_k)
         assert set(tokens.unique().tolist()) == {1, 3, 6}
 
 
+def test_sampling_refuses_nan_logits():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]])
+    with pytest.raises(ValueError, match="NaN"):
+        sample_next_token(logits, 1.0, None, torch.Generator().manual_seed(0))
+
+
 def test_generate_refuses_to_run_past_block_size():
     model = tiny_gpt()  # block_size 32
     with pytest.raises(ValueError, match="block_size"):
