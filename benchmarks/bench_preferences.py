@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import minirlhf.model  # noqa: E402
 from minirlhf.checkpoints import load_gpt  # noqa: E402
 from minirlhf.data import by_length_in_chunks, default_path, encode_example, read_jsonl  # noqa: E402
-from minirlhf.model import ScalarHeadModel, last_token_index  # noqa: E402
+from minirlhf.model import ScalarHeadModel, at_positions, last_token_index  # noqa: E402
 from minirlhf.sampling import generate  # noqa: E402
 from minirlhf.tokenizer import load_tokenizer  # noqa: E402
 
@@ -54,7 +54,7 @@ def score_with_a_full_pass(model, tokens, mask):
     """What `ScalarHeadModel.score` computed before it asked the trunk for one position: every
     position's scalar, then the one at the last real token."""
     values = model(tokens, mask)  # (b, T)
-    return model.reward_gain * values[torch.arange(len(tokens)), last_token_index(mask)] + model.reward_bias
+    return model.reward_gain * at_positions(values, last_token_index(mask))[:, 0] + model.reward_bias  # (b,)
 
 
 def multinomial_next_token(logits, temperature, top_k, generator):

@@ -217,7 +217,7 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
     overopt_dir = out / "runs" / "ppo_overoptimisation"
     if not (resume and (overopt_dir / "summary.json").exists()):
         base_cfg = common.apply_overrides(ppo.PPOConfig(), ppo.FAST) if fast else ppo.PPOConfig()
-        # evaluated every iteration: without the KL penalty the gold reward peaks within a few
+        # evaluated every iteration: without the KL penalty the gold reward peaks within a few iterations
         cfg = common.apply_overrides(base_cfg, dict(seed=config.seed, kl_coef=0.0,
                                                     iterations=config.overopt_iterations, eval_every=1,
                                                     n_periodic_eval=config.n_eval,

@@ -85,6 +85,11 @@ def build_attention_mask(attention_mask: Tensor, q_len: int) -> Tensor:
     return causal & (key_real | is_self)  # (B, 1, Tq, Tk)
 
 
+def at_positions(x: Tensor, at: Tensor) -> Tensor:
+    """x (B, T, ...) -> (B, 1, ...): row b's entry at position at[b] (at (B,) long)."""
+    return x[torch.arange(x.size(0), device=x.device), at][:, None]
+
+
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Plain-matrix attention, softmax(QKᵀ/√hs + mask) V (Vaswani et al. 2017, eq. 1).
 
@@ -124,12 +129,12 @@ class CausalSelfAttention(nn.Module):
         if at is None:
             q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, Tq, C)
         else:
-            rows = torch.arange(B, device=x.device)  # (B,)
             w_q, w_kv = self.c_attn.weight.split([C, 2 * C])  # (C, C), (2C, C)
             b_q, b_kv = (None, None) if self.c_attn.bias is None else self.c_attn.bias.split([C, 2 * C])
-            q = F.linear(x[rows, at][:, None], w_q, b_q)  # (B, 1, C)
+            q = F.linear(at_positions(x, at), w_q, b_q)  # (B, 1, C)
             k, v = F.linear(x, w_kv, b_kv).split(C, dim=2)  # each (B, Tq, C)
-            mask = mask[rows, :, at][:, :, None]  # (B, 1, 1, Tk): what position at[b] may look at
+            # the mask row of query at[b]: (B, Tq, 1, Tk) -> (B, 1, 1, Tk)
+            mask = at_positions(mask.transpose(1, 2), at)
         q = q.view(B, q.size(1), self.n_head, hs).transpose(1, 2)  # (B, nh, Tq or 1, hs)
         k = k.view(B, Tq, self.n_head, hs).transpose(1, 2)  # (B, nh, Tq, hs)
         v = v.view(B, Tq, self.n_head, hs).transpose(1, 2)  # (B, nh, Tq, hs)
@@ -171,7 +176,7 @@ class Block(nn.Module):
         position at[b] is computed: (B, 1, C)."""
         a, kv = self.attn(self.ln_1(x), mask, past_kv, at)
         if at is not None:
-            x = x[torch.arange(x.size(0), device=x.device), at][:, None]  # (B, 1, C)
+            x = at_positions(x, at)  # (B, 1, C), the residual stream of the one query
         x = x + a
         return x + self.mlp(self.ln_2(x)), kv
 
@@ -203,8 +208,8 @@ def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int], 
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
     # Inverse-CDF sampling: the first token whose cumulative probability reaches u ~ U(0, total].
-    # One uniform per row; torch.multinomial draws one exponential per row AND token, which was
-    # a fifth of the time of sampling 1024 reviews.
+    # One uniform per row; torch.multinomial draws one exponential per row AND token, which made
+    # sampling 1024 reviews take a third longer (benchmarks/bench_preferences.py).
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V), cdf[:, -1] is 1 up to round-off
     if not torch.isfinite(cdf[:, -1]).all():
         raise ValueError("cannot sample: the next-token logits contain NaN or inf (has training diverged?)")

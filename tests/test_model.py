@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minirlhf.model import (GPT, CausalSelfAttention, GPTConfig, ScalarHeadModel, attention_reference,
+from minirlhf.model import (GPT, CausalSelfAttention, GPTConfig, ScalarHeadModel, at_positions, attention_reference,
                             build_attention_mask, last_token_index, position_ids, sample_next_token)
 
 V = 50
@@ -109,6 +109,11 @@ def test_last_token_index_hand_examples():
 
 # ---------------------------------------------------------------------------
 # References: SDPA vs plain matrices, cache vs recomputation
+
+
+def test_at_positions_hand_example():
+    x = torch.arange(12).view(2, 3, 2)  # (B=2, T=3, 2)
+    assert at_positions(x, torch.tensor([2, 0])).tolist() == [[[4, 5]], [[6, 7]]]  # (B, 1, 2)
 
 
 def test_sdpa_equals_reference_attention_with_padding_mask():
