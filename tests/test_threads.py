@@ -1,0 +1,45 @@
+"""The kit's thread setup (minirlhf/threads.py): what it sets before torch loads, and that the user wins.
+
+Each check runs a fresh interpreter, since the OpenMP variables only matter before torch is
+imported, and this test process imported torch long ago.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def probe(code, **env_changes):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MINIRLHF_THREADS"))}
+    env.update(env_changes)
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+POLICY = "import minirlhf, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+
+
+def test_passive_wait_policy_is_set_before_torch_loads():
+    assert probe(POLICY) == "PASSIVE"
+    # and the import of minirlhf is what loads torch after it
+    assert probe("import sys, minirlhf; print('torch' in sys.modules)") == "True"
+
+
+def test_the_users_own_settings_win():
+    assert probe(POLICY, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert probe("import minirlhf, torch; print(torch.get_num_threads())", OMP_NUM_THREADS="1") == "1"
+    assert probe("import minirlhf, torch; torch.set_num_threads(1); print(torch.get_num_threads())") == "1"
+
+
+def test_off_switch_leaves_torch_defaults():
+    assert probe(POLICY, MINIRLHF_THREADS="off") == "None"
+
+
+def test_too_late_when_torch_came_first_is_said_not_hidden():
+    policy, status = probe("import torch, minirlhf, os; print(os.environ.get('OMP_WAIT_POLICY'));"
+                           "print(minirlhf.threads.status())").splitlines()
+    assert policy == "None"
+    assert "torch was imported before minirlhf" in status
