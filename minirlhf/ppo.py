@@ -74,9 +74,9 @@ class PPOConfig:
     max_new_tokens: int = checked(48, POSITIVE)  # completion length limit
     max_prompt_tokens: int = checked(16, POSITIVE)  # longer prompts are refused
     grad_clip: float = checked(1.0, POSITIVE)    # global gradient-norm clip
-    eval_every: int = 20            # iterations between periodic evaluations (gold reward vs KL)
-    n_periodic_eval: int = 128      # test prompts per periodic evaluation
-    n_eval_samples: int = 256       # test prompts for the final evaluation
+    eval_every: int = checked(20, POSITIVE)  # iterations between periodic evaluations (gold reward vs KL)
+    n_periodic_eval: int = checked(128, POSITIVE)  # test prompts per periodic evaluation
+    n_eval_samples: int = checked(256, POSITIVE)  # test prompts for the final evaluation
     seed: int = 0                   # seeds prompts, sampling and minibatch order
 
 
@@ -197,6 +197,13 @@ def make_critic(config, policy, rm_dir, reward_model, device, tokenizer):
     return ScalarHeadModel.from_gpt(policy).to(device).eval()
 
 
+def load_demonstrations(config, tokenizer, block_size):
+    """PPO-ptx's demonstrations (None when ptx_coef is 0), and the SFT validation set for eval/ptx_loss."""
+    lengths = types.SimpleNamespace(block_size=block_size, max_prompt_tokens=config.max_prompt_tokens)
+    ptx_examples = load_examples(config.ptx_data, tokenizer, lengths) if config.ptx_coef > 0 else None
+    return ptx_examples, load_examples(str(default_path("sft_val")), tokenizer, lengths)
+
+
 def train_ppo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, overwrite=False, progress=True):
     """Run PPO from the SFT model against the reward model (or gold); return the summary dict."""
     config.validate()
@@ -214,9 +221,7 @@ def train_ppo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, over
     reward_fn = make_reward_fn(config, reward_model, gold_fn, device)
     prompts = read_prompts(config.prompts, tokenizer, config.max_prompt_tokens)  # every prompt checked now
     test_prompts = read_prompts(config.test_prompts, tokenizer, config.max_prompt_tokens)
-    lengths = types.SimpleNamespace(block_size=policy.config.block_size, max_prompt_tokens=config.max_prompt_tokens)
-    ptx_examples = load_examples(config.ptx_data, tokenizer, lengths) if config.ptx_coef > 0 else None
-    val_examples = load_examples(str(default_path("sft_val")), tokenizer, lengths)
+    ptx_examples, val_examples = load_demonstrations(config, tokenizer, policy.config.block_size)
     kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
 
     def evaluate(n):

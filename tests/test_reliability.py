@@ -206,7 +206,7 @@ def test_an_unknown_setting_lists_the_valid_keys(stage, tmp_path, capsys):
     ("collect", "k=1", "k must be at least 2"), ("collect", "sample_temperature=0", "temperature"),
     ("rm", "lr=-1", "lr must be positive"), ("rm", "steps=0", "steps"), ("rm", "batch_size=0", "batch_size"),
     ("rm", "grad_clip=0", "grad_clip"),
-    ("ppo", "clip_eps=0", "clip_eps"), ("ppo", "lr=0", "learning rates"), ("ppo", "temperature=0", "temperature"),
+    ("ppo", "clip_eps=0", "clip_eps"), ("ppo", "lr=0", "lr must be positive"), ("ppo", "temperature=0", "temperature"),
     ("ppo", "rollout_batch=0", "batch"), ("ppo", "iterations=0", "iterations"), ("ppo", "eval_every=0", "eval_every"),
     ("ppo", "gamma=2", "gamma"),
     ("dpo", "beta=0", "beta must be positive"), ("dpo", "beta=-0.1", "beta"), ("dpo", "lr=0", "lr"),
