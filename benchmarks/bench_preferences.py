@@ -7,11 +7,11 @@
 2. Preference steps: the sequences of a step run in length-sorted chunks
    (`data.by_length_in_chunks`) instead of one padded batch. Measured as reward-model
    training steps (forward, backward, AdamW) on random batches of `rankings.jsonl`.
-3. Drawing the next token: inverse-CDF sampling (`model.sample_next_token`: one uniform per
+3. Drawing the next token: inverse-CDF sampling (`sampling.sample_next_token`: one uniform per
    row) against `torch.multinomial` (one exponential per row and vocabulary entry), swapped
    into the same generation loop, 1024 rows a batch as in `collect`.
 4. The reward model reads one token, so its last block computes only that token's query
-   and MLP (`GPT.hidden_states(at=...)`): measured against a full pass read at that token.
+   and MLP (`model.hidden_state_at`): measured against a full pass read at that token.
 
 Each variant gets one warm-up, then the best of 3 (sampling) or the mean over 20 steps.
 Run: python benchmarks/bench_preferences.py --run runs/<a run folder>
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-import minirlhf.model  # noqa: E402
+import minirlhf.sampling  # noqa: E402
 from minirlhf.checkpoints import load_gpt  # noqa: E402
 from minirlhf.data import by_length_in_chunks, default_path, encode_example, read_jsonl  # noqa: E402
 from minirlhf.model import ScalarHeadModel, at_positions, last_token_index  # noqa: E402
@@ -107,13 +107,13 @@ def main():
                 seconds, length = sampling_seconds(model, tokenizer, prompts, batch_size, drop)
                 print(f"| {batch_size} | {'dropped' if drop else 'kept'} | {seconds:.2f} "
                       f"| {len(prompts) / seconds:,.0f} | {length:.1f} |")
-        inverse_cdf = minirlhf.model.sample_next_token
+        inverse_cdf = minirlhf.sampling.sample_next_token
         print("\n| next token drawn by | seconds (batch 1024, finished rows dropped) |")
         print("| --- | ---: |")
         for name, sampler in (("torch.multinomial", multinomial_next_token), ("inverse CDF", inverse_cdf)):
-            minirlhf.model.sample_next_token = sampler      # the generation loop looks it up at each step
+            minirlhf.sampling.sample_next_token = sampler      # the generation loop looks it up at each step
             print(f"| {name} | {sampling_seconds(model, tokenizer, prompts, 1024, True)[0]:.2f} |")
-        minirlhf.model.sample_next_token = inverse_cdf
+        minirlhf.sampling.sample_next_token = inverse_cdf
 
     rankings = [r for r in map(json.loads, (run / "prefs" / "rankings.jsonl").read_text().splitlines())]
     examples = [[encode_example(tokenizer, r["prompt"], c, model.config.block_size, 16) for c in r["completions"]]

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from minirlhf import common  # noqa: E402
+from minirlhf.config import apply_overrides  # noqa: E402
+from minirlhf.optim import make_optimizer, optimizer_step  # noqa: E402
 from minirlhf.data import completion_batch, shift_for_loss  # noqa: E402
 from minirlhf.losses import sft_loss  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
@@ -47,7 +48,7 @@ def sft_throughput(config, steps=30):
     examples = load_examples(config.data, tokenizer, config)
     model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=config.block_size, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd))
-    optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
     schedule = BatchSchedule([len(ids) for ids, _ in examples], config.batch_size, 0, config.bucket_by_length)
     tokens, positions, elapsed = 0, 0, 0.0
     for step in range(steps + 5):
@@ -55,7 +56,7 @@ def sft_throughput(config, steps=30):
             *completion_batch([examples[i] for i in schedule(step)], tokenizer.eot_token))
         start = time.perf_counter()
         loss, _ = sft_loss(model(inputs, input_mask), targets, loss_mask)
-        common.optimizer_step(optimizer, loss, model, config.grad_clip)
+        optimizer_step(optimizer, loss, model, config.grad_clip)
         if step >= 5:                      # the first steps warm up the allocator and kernels
             elapsed += time.perf_counter() - start
             tokens += int(input_mask.sum())
@@ -71,9 +72,9 @@ def main():
     args = parser.parse_args()
     default = SFTConfig()
     rows = [("default", default), ("default, bucket_by_length=false",
-                                   common.apply_overrides(default, {"bucket_by_length": "false"}))]
+                                   apply_overrides(default, {"bucket_by_length": "false"}))]
     if args.set:
-        rows.append((" ".join(args.set), common.apply_overrides(default, args.set)))
+        rows.append((" ".join(args.set), apply_overrides(default, args.set)))
     peak = matmul_flops()
     print(f"{torch.get_num_threads()} threads; fp32 matmul 1024³ (best): {peak / 1e9:,.1f} GFLOP/s\n")
     print("| SFT config | params N | padding | tokens/s | GFLOP/s by 6·N | SFT / matmul |")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minirlhf.collect import CollectConfig, collect  # noqa: E402
-from minirlhf.common import apply_overrides  # noqa: E402
+from minirlhf.config import apply_overrides  # noqa: E402
 from minirlhf.data import read_jsonl, write_jsonl  # noqa: E402
 from minirlhf.reward import RewardConfig, train_reward_model  # noqa: E402
 

@@ -14,9 +14,25 @@ import sys
 import time
 from pathlib import Path
 
-from minirlhf import common
-from minirlhf.data import DataError
-from minirlhf.exercises import ExerciseError, unfinished_message
+import torch
+
+from minirlhf.baselines import (BEST_OF_N_FAST, PREFERRED_FT_FAST, BestOfNConfig, PreferredFTConfig, run_best_of_n,
+                                train_preferred_ft)
+from minirlhf.checkpoints import load_gpt
+from minirlhf.collect import FAST as COLLECT_FAST, CollectConfig, collect
+from minirlhf.config import ConfigError, build, pick_device, require
+from minirlhf.data import DATA_DIR, DataError, default_path, read_jsonl
+from minirlhf.dpo import FAST as DPO_FAST, DPOConfig, train_dpo
+from minirlhf.exercises import ExerciseError, grade, make_student, unfinished_message
+from minirlhf.experiments import FAST as FRONTIER_FAST, FrontierConfig, run_frontier
+from minirlhf.pipeline import run_pipeline
+from minirlhf.ppo import FAST as PPO_FAST, PPOConfig, train_ppo
+from minirlhf.reward import FAST as RM_FAST, RewardConfig, train_reward_model
+from minirlhf.runs import Interrupted, NonFiniteLossError
+from minirlhf.sampling import sample_completions
+from minirlhf.sft import FAST as SFT_FAST, SFTConfig, train_sft
+from minirlhf.tasks import get_task
+from minirlhf.tokenizer import load_tokenizer, train_and_save
 
 
 # ---------------------------------------------------------------------------
@@ -33,17 +49,10 @@ def add_stage_flags(parser, out_required=False):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_config(config, fast_overrides, args, extra=None):
-    """Defaults, then --fast, then --seed and named flags, then --set (last word wins)."""
-    if args.fast:
-        config = common.apply_overrides(config, fast_overrides)
-    if args.seed is not None:
-        config = common.apply_overrides(config, {"seed": args.seed})
-    if extra:
-        config = common.apply_overrides(config, extra)
-    config = common.apply_overrides(config, args.set)
-    config.validate()
-    return config
+def build_config(defaults, fast_overrides, args, extra=None):
+    """Defaults, then --fast, then --seed, then named flags, then --set (last word wins); validated."""
+    return build(defaults, fast=fast_overrides if args.fast else None, seed=args.seed,
+                 overrides=[extra, args.set]).validate()
 
 
 def out_dir(args):
@@ -62,9 +71,6 @@ def print_summary(summary, out):
 # Commands
 
 def cmd_data(args):
-    from minirlhf.data import DATA_DIR
-    from minirlhf.tasks import get_task
-    from minirlhf.tokenizer import train_and_save
     task = get_task(args.task)
     paths = task.write_datasets(DATA_DIR, seed=args.seed)
     train = [json.loads(line) for line in paths["sft_train"].read_text().splitlines()]
@@ -75,18 +81,15 @@ def cmd_data(args):
 
 
 def cmd_tokenizer(args):
-    from minirlhf.data import default_path, read_jsonl
-    from minirlhf.tokenizer import train_and_save
     train = read_jsonl(args.data or default_path("sft_train"), "demonstrations")
     enc = train_and_save([r["prompt"] + r["completion"] for r in train], vocab_size=args.vocab_size)
     print(f"tokenizer: {enc.n_vocab} tokens (incl. <|endoftext|>)")
 
 
 def cmd_sft(args):
-    from minirlhf.sft import FAST, SFTConfig, train_sft
-    config = build_config(SFTConfig(), FAST, args, extra={"data": args.data} if args.data else None)
+    config = build_config(SFTConfig(), SFT_FAST, args, extra={"data": args.data} if args.data else None)
     out = out_dir(args)
-    summary = train_sft(config, out, device=common.pick_device(args.device), resume=args.resume,
+    summary = train_sft(config, out, device=pick_device(args.device), resume=args.resume,
                         overwrite=args.overwrite, progress=not args.quiet)
     print_summary(summary, out)
 
@@ -98,14 +101,10 @@ def sft_flags(p):
 
 
 def cmd_sample(args):
-    import torch
-    from minirlhf.checkpoints import load_gpt
-    from minirlhf.sampling import sample_completions
-    from minirlhf.tokenizer import load_tokenizer
-    common.require(args.temperature >= 0, "--temperature must be >= 0 (0 is greedy)")
-    common.require(args.n >= 1 and args.max_new_tokens >= 1, "-n and --max-new-tokens must be at least 1")
+    require(args.temperature >= 0, "--temperature must be >= 0 (0 is greedy)")
+    require(args.n >= 1 and args.max_new_tokens >= 1, "-n and --max-new-tokens must be at least 1")
     tokenizer = load_tokenizer()
-    model = load_gpt(args.model, common.pick_device(args.device), tokenizer)
+    model = load_gpt(args.model, pick_device(args.device), tokenizer)
     generator = torch.Generator().manual_seed(args.seed)
     max_new = min(args.max_new_tokens, model.config.block_size - len(tokenizer.encode(args.prompt)))
     completions = sample_completions(model, tokenizer, [args.prompt] * args.n, max_new_tokens=max_new,
@@ -116,20 +115,18 @@ def cmd_sample(args):
 
 
 def cmd_collect(args):
-    from minirlhf.collect import FAST, CollectConfig, collect
     extra = {**({"k": args.k} if args.k else {}), **({"prompts": args.data} if args.data else {})}
-    config = build_config(CollectConfig(), FAST, args, extra=extra)
+    config = build_config(CollectConfig(), COLLECT_FAST, args, extra=extra)
     out = out_dir(args)
-    summary = collect(config, args.sft, out, device=common.pick_device(args.device), overwrite=args.overwrite,
+    summary = collect(config, args.sft, out, device=pick_device(args.device), overwrite=args.overwrite,
                       progress=not args.quiet)
     print_summary(summary, out)
 
 
 def cmd_rm(args):
-    from minirlhf.reward import FAST, RewardConfig, train_reward_model
-    config = build_config(RewardConfig(), FAST, args)
+    config = build_config(RewardConfig(), RM_FAST, args)
     out = out_dir(args)
-    summary = train_reward_model(config, args.sft, args.prefs, out, device=common.pick_device(args.device),
+    summary = train_reward_model(config, args.sft, args.prefs, out, device=pick_device(args.device),
                                  resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print_summary(summary, out)
 
@@ -143,11 +140,10 @@ def rm_flags(p):
 
 
 def cmd_ppo(args):
-    from minirlhf.ppo import FAST, PPOConfig, train_ppo
     extra = {**({"reward": args.reward} if args.reward else {}), **({"prompts": args.data} if args.data else {})}
-    config = build_config(PPOConfig(), FAST, args, extra=extra)
+    config = build_config(PPOConfig(), PPO_FAST, args, extra=extra)
     out = out_dir(args)
-    summary = train_ppo(config, args.sft, args.rm, out, device=common.pick_device(args.device), resume=args.resume,
+    summary = train_ppo(config, args.sft, args.rm, out, device=pick_device(args.device), resume=args.resume,
                         overwrite=args.overwrite, progress=not args.quiet)
     print_summary(summary, out)
 
@@ -162,33 +158,34 @@ def ppo_flags(p):
                    "data/prompts_train.jsonl; the same as --set prompts=FILE)")
 
 
-def cmd_dpo(args, stage="dpo"):
-    from minirlhf.dpo import FAST, DPOConfig, train_dpo
-    from minirlhf.baselines import PREFERRED_FT, PREFERRED_FT_FAST
-    base = common.apply_overrides(DPOConfig(), PREFERRED_FT) if stage == "pft" else DPOConfig()
-    config = build_config(base, {**FAST, **PREFERRED_FT_FAST} if stage == "pft" else FAST, args)
+def cmd_dpo(args):
+    config = build_config(DPOConfig(), DPO_FAST, args)
     out = out_dir(args)
-    summary = train_dpo(config, args.sft, args.prefs, out, device=common.pick_device(args.device), resume=args.resume,
-                        overwrite=args.overwrite, progress=not args.quiet, stage=stage)
+    summary = train_dpo(config, args.sft, args.prefs, out, device=pick_device(args.device), resume=args.resume,
+                        overwrite=args.overwrite, progress=not args.quiet)
     print_summary(summary, out)
 
 
 def cmd_pft(args):
-    cmd_dpo(args, stage="pft")
+    config = build_config(PreferredFTConfig(), PREFERRED_FT_FAST, args)
+    out = out_dir(args)
+    summary = train_preferred_ft(config, args.sft, args.prefs, out, device=pick_device(args.device),
+                                 resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    print_summary(summary, out)
 
 
 def dpo_flags(p):
     add_stage_flags(p)
     p.add_argument("--sft", required=True, help="the SFT run folder: initial policy and frozen reference")
     p.add_argument("--prefs", "--data", dest="prefs", required=True,
-                   help="pairs.jsonl from `collect` (held out: the sibling pairs_test.jsonl, or --set test_prefs=PATH)")
+                   help="rankings.jsonl from `collect` (a batch: whole rankings), or pairs.jsonl (a batch: pairs); "
+                        "held out: the sibling *_test.jsonl, or --set test_prefs=PATH")
 
 
 def cmd_bon(args):
-    from minirlhf.baselines import BEST_OF_N_FAST, BestOfNConfig, run_best_of_n
     config = build_config(BestOfNConfig(), BEST_OF_N_FAST, args)
     out = out_dir(args)
-    summary = run_best_of_n(config, args.sft, args.rm, out, device=common.pick_device(args.device),
+    summary = run_best_of_n(config, args.sft, args.rm, out, device=pick_device(args.device),
                             overwrite=args.overwrite, progress=not args.quiet)
     print_summary(summary, out)
 
@@ -201,9 +198,8 @@ def bon_flags(p):
 
 
 def cmd_run(args):
-    from minirlhf.pipeline import run_pipeline
     out = out_dir(args)
-    combined = run_pipeline(out, fast=args.fast, seed=args.seed or 0, device=common.pick_device(args.device),
+    combined = run_pipeline(out, fast=args.fast, seed=args.seed or 0, device=pick_device(args.device),
                             resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print((out / "report.md").read_text().split("## Samples")[0])
     print(f"wrote {out} ({combined['total_seconds']:.0f} s)")
@@ -220,10 +216,9 @@ def run_flags(p):
 
 
 def cmd_frontier(args):
-    from minirlhf.experiments import FAST, FrontierConfig, run_frontier
-    config = build_config(FrontierConfig(), FAST, args)
+    config = build_config(FrontierConfig(), FRONTIER_FAST, args)
     out = out_dir(args)
-    summary = run_frontier(config, out, base_dir=args.base, fast=args.fast, device=common.pick_device(args.device),
+    summary = run_frontier(config, out, base_dir=args.base, fast=args.fast, device=pick_device(args.device),
                            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print((out / "frontier.md").read_text())
     print(f"wrote {out} ({summary['total_seconds'] / 60:.1f} min)")
@@ -270,7 +265,6 @@ def collect_flags(p):
 # Instructors: the student copy and grading (minirlhf/exercises.py, docs/instructor.md)
 
 def cmd_make_student(args):
-    from minirlhf.exercises import make_student
     result = make_student(args.out, overwrite=args.overwrite)
     names = ", ".join(name for name, _ in result["stubbed"])
     print(f"wrote the student copy to {args.out}: {result['files']} files, "
@@ -283,7 +277,6 @@ def make_student_flags(p):
 
 
 def cmd_grade(args):
-    from minirlhf.exercises import grade
     record = grade(args.student_dir, json_path=args.json, timeout=args.timeout, all_tests=args.all)
     if record["pytest"]["timed_out"]:
         raise ExerciseError(f"the tests did not finish within {args.timeout} s (see the table above)")
@@ -307,7 +300,7 @@ COMMANDS = {
     "dpo": (cmd_dpo, "the direct alternative: DPO on the preference pairs, plus an NLL term on the "
                      "chosen (RPO; --set nll_coef=0 beta=1 lr=2e-4: the paper's loss; --set loss_type=...)",
             dpo_flags),
-    "pft": (cmd_pft, "baseline: Preferred-FT, SFT on the chosen responses (DPO loop, loss_type=preferred_ft)", dpo_flags),
+    "pft": (cmd_pft, "baseline: Preferred-FT, SFT on the chosen responses (DPO's batches and evaluation)", dpo_flags),
     "bon": (cmd_bon, "baseline: Best-of-N samples of the SFT model ranked by the reward model", bon_flags),
     "frontier": (cmd_frontier, "the reward-vs-KL frontier sweep of DPO, PPO and baselines (DPO paper Fig. 2)",
                  frontier_flags),
@@ -334,7 +327,7 @@ def main(argv=None):
     args = make_parser().parse_args(argv)
     try:
         COMMANDS[args.command][0](args)
-    except (common.ConfigError, DataError, FileNotFoundError, ExerciseError) as e:
+    except (ConfigError, DataError, FileNotFoundError, ExerciseError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -344,12 +337,12 @@ def main(argv=None):
             raise
         print(f"error: {unfinished_message(e)}", file=sys.stderr)
         return 2
-    except common.NonFiniteLossError as e:
+    except NonFiniteLossError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except common.Interrupted as e:
+    except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:          # Ctrl-C outside a training loop (loading, evaluation)

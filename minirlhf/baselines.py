@@ -2,9 +2,9 @@
 
 Preferred-FT is supervised fine-tuning on the *chosen* response of each pair, starting from
 the SFT model: it uses the preferences only to filter the data, never the rejected side.
-It runs through the DPO training loop with loss_type=preferred_ft (`python -m minirlhf
-pft`, which is `dpo --set loss_type=preferred_ft` with the baseline's own step count and
-learning rate), so its run folder and summary have the same keys as DPO's.
+Its loop (`python -m minirlhf pft`) draws the same batches of whole rankings as DPO and is
+evaluated the same way (`dpo.heldout_metrics`, `dpo.sampled_evaluation`), so its run folder
+and summary have the same keys as DPO's.
 
 Best-of-N samples N completions per prompt from the SFT policy and keeps the one the
 ranker scores highest: the reward model (`ranker=rm`) or, as an upper reference, the gold
@@ -31,29 +31,58 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from minirlhf import common
 from minirlhf.checkpoints import load_gpt, load_scalar_model
-from minirlhf.data import completion_batch, default_path, encode_example, read_jsonl, shift_for_loss
+from minirlhf.config import (NON_NEGATIVE, POSITIVE, at_least, between, check_generation_fits, checked, one_of,
+                             require, validate)
+from minirlhf.data import completion_batch, default_path, encode_example, read_jsonl, read_prompts, shift_for_loss
+from minirlhf.dpo import heldout_metrics, plot_logps_and_margins, sampled_evaluation
 from minirlhf.losses import dpo_loss, sft_loss, token_logprobs
+from minirlhf.optim import cosine_lr, make_optimizer, optimizer_step, seed_everything, set_lr, step_generator
+from minirlhf.preferences import held_out_path, load_pair_sequences, pair_batch, sample_pairs
+from minirlhf.runs import Run
 from minirlhf.sampling import generate
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------
-# Preferred-FT: the SFT loss on chosen responses, inside the DPO loop (dpo.train_dpo)
-
-# What `python -m minirlhf pft` sets on top of DPOConfig (tuned on the draft SFT model, docs/dpo.md).
-PREFERRED_FT = dict(loss_type="preferred_ft", steps=40, lr=5e-4, warmup_steps=5)
-PREFERRED_FT_FAST = dict(steps=20, warmup_steps=5)
+# Preferred-FT: the SFT loss on the chosen responses
 
 
-def preferred_ft_batch_loss(policy, prefs, ids, config, pad_id, device):
+@dataclasses.dataclass
+class PreferredFTConfig:
+    """Preferred-FT from the SFT model (step count and learning rate tuned on the draft SFT model, docs/dpo.md)."""
+    test_prompts: str = str(default_path("prompts_test"))  # prompts for eval/gold_reward and eval/kl
+    test_prefs: Optional[str] = None   # held-out preferences for eval/reward_accuracy (None: the *_test.jsonl beside --prefs)
+    task: str = "reviews"              # whose gold judge scores the samples
+    beta: float = checked(0.25, POSITIVE)  # β of the implicit reward β·log(π/π_ref), measured on held-out pairs only
+    steps: int = checked(40, POSITIVE)  # optimiser steps
+    batch_size: int = checked(4, POSITIVE)  # rankings per step, as in DPO (their pairs' chosen responses)
+    lr: float = checked(5e-4, POSITIVE)  # peak learning rate (AdamW)
+    warmup_steps: int = checked(5, NON_NEGATIVE)  # linear warm-up steps before the cosine decay
+    min_lr_ratio: float = checked(0.1, between(0, 1))  # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = checked(0.0, NON_NEGATIVE)  # AdamW weight decay on matrices
+    grad_clip: float = checked(1.0, POSITIVE)  # clip the global gradient norm to this
+    log_every: int = checked(10, POSITIVE)  # steps between metrics.jsonl lines (and checkpoints)
+    eval_every: int = checked(0, NON_NEGATIVE)  # steps between gold-reward/KL evaluations (0: final only)
+    n_periodic_eval: int = checked(128, POSITIVE)  # test prompts per periodic evaluation
+    max_prompt_tokens: int = checked(16, POSITIVE)  # longer prompts are refused
+    max_new_tokens: int = checked(48, POSITIVE)  # length limit when sampling completions
+    n_eval_samples: int = checked(256, POSITIVE)  # test prompts sampled for eval/gold_reward and eval/kl
+    ref_batch_size: int = checked(256, POSITIVE)  # sequences per forward pass when precomputing log π_ref (held out)
+    seed: int = 0                      # seeds batch order and evaluation sampling
+
+    validate = validate
+
+
+PREFERRED_FT_FAST = dict(steps=20, batch_size=4, warmup_steps=5, log_every=5, n_eval_samples=64)
+
+
+def preferred_ft_batch_loss(policy, data, ids, config, pad_id, device):
     """(loss, metrics) of Preferred-FT on the pairs `ids` (P,): the mean NLL of the chosen
     completions' tokens (`losses.sft_loss`), each counted once per pair it wins. The rejected
-    ones only give `logps/rejected`; where `prefs` carries log π_ref (the held-out pairs), the
+    ones only give `logps/rejected`; where `data` carries log π_ref (the held-out pairs), the
     implicit-reward metrics β·log(π/π_ref) are added (eval/reward_accuracy)."""
-    from minirlhf.dpo import pair_batch
-    *batch, index = pair_batch(prefs, ids, pad_id, device)                  # (U, T) each; (P, 2)
+    *batch, index = pair_batch(data, ids, pad_id, device)                    # (U, T) each; (P, 2)
     inputs, input_mask, targets, loss_mask = shift_for_loss(*batch)          # (U, T-1) each
     logits = policy(inputs, input_mask)                                      # (U, T-1, V)
     # the chosen row of every pair, without copying logits P times: weight each row's tokens by
@@ -61,14 +90,65 @@ def preferred_ft_batch_loss(policy, prefs, ids, config, pad_id, device):
     wins = torch.bincount(index[:, 0], minlength=logits.size(0)).to(logits.dtype)   # (U,)
     loss, metrics = sft_loss(logits, targets, loss_mask * wins[:, None])
     with torch.no_grad():
-        logps = (token_logprobs(logits, targets) * loss_mask).sum(-1)       # (U,) log π(y|x)
+        # log π(y|x) from the same logits (`sampling.sequence_logprobs` would run the policy again)
+        logps = (token_logprobs(logits, targets) * loss_mask).sum(-1)       # (U,)
         chosen, rejected = logps[index].unbind(-1)                           # (P,), (P,)
-        if prefs.ref_logps is not None:            # the held-out pairs (eval/reward_accuracy)
-            ref = prefs.ref_logps[prefs.pairs[ids]].to(device)               # (P, 2)
+        if data.ref_logps is not None:             # the held-out pairs (eval/reward_accuracy)
+            ref = data.ref_logps[data.pairs[ids]].to(device)                 # (P, 2)
             _, implicit = dpo_loss(chosen, rejected, *ref.unbind(-1), beta=config.beta)
             metrics.update({k: v for k, v in implicit.items() if k.startswith("rewards/")})
     metrics["logps/chosen"], metrics["logps/rejected"] = chosen.mean().item(), rejected.mean().item()
     return loss, metrics
+
+
+def train_preferred_ft(config, sft_dir, prefs_path, out_dir, device="cpu", resume=False, overwrite=False,
+                       progress=True):
+    """SFT on the chosen responses of `prefs_path`; write the run folder and return the summary (DPO's keys)."""
+    config.validate()
+    started = time.perf_counter()
+    tokenizer = load_tokenizer()
+    pad = tokenizer.eot_token
+    seed_everything(config.seed)
+    reference = load_gpt(sft_dir, device, tokenizer).requires_grad_(False)   # only for KL and held-out metrics
+    check_generation_fits(config, reference.config.block_size)
+    policy = load_gpt(sft_dir, device, tokenizer)
+    evaluate = sampled_evaluation(policy, reference, tokenizer, config)
+    t0 = time.perf_counter()
+    train = load_pair_sequences(prefs_path, tokenizer, reference, config, device, with_reference=False)
+    test = load_pair_sequences(config.test_prefs or held_out_path(prefs_path), tokenizer, reference, config, device)
+    ref_seconds = time.perf_counter() - t0
+    optimizer = make_optimizer(policy, config.lr, config.weight_decay)
+    with Run(out_dir, "preferred_ft", config, resume=resume, overwrite=overwrite, progress=progress,
+             sft=sft_dir, prefs=prefs_path) as run:
+        run.start({"model": policy, "optimizer": optimizer}, policy.config)
+        for step in run.steps(config.steps):
+            lr = cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr_ratio)
+            set_lr(optimizer, lr)
+            ids = sample_pairs(train, config.batch_size, step_generator(config.seed, step))  # (P,)
+            loss, metrics = preferred_ft_batch_loss(policy, train, ids, config, pad, device)
+            run.check_finite(loss)
+            optimizer_step(optimizer, loss, policy, config.grad_clip)
+            run.average(metrics)
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                row = {"step": step + 1, "lr": lr}
+                if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+                    row.update({k: v for k, v in evaluate(config.n_periodic_eval, n_show=0).items()
+                                if k in ("eval/gold_reward", "eval/kl")})
+                    row.update(heldout_metrics(policy, test, config, pad, device, preferred_ft_batch_loss))
+                run.log(row)
+                run.checkpoint(step + 1)
+
+        t0 = time.perf_counter()
+        summary = {**evaluate(config.n_eval_samples),
+                   **heldout_metrics(policy, test, config, pad, device, preferred_ft_batch_loss)}
+        summary.update({"eval/seconds": time.perf_counter() - t0, "train/ref_logps_seconds": ref_seconds})
+        run.plot(["loss/sft", "rewards/accuracies"], "loss.png", "preferred_ft: training loss")
+        plot_logps_and_margins(run.rows, run.out_dir / "logps_and_margins.png", "preferred_ft (SFT on chosen)")
+        if config.eval_every:
+            run.plot(["eval/gold_reward", "eval/kl", "eval/reward_accuracy"], "eval.png",
+                     "preferred_ft: held-out evaluation")
+        summary["train/seconds"] = time.perf_counter() - started
+        return run.finish(summary, policy)
 
 
 # ---------------------------------------------------------------------------
@@ -80,21 +160,16 @@ class BestOfNConfig:
     test_prompts: str = str(default_path("prompts_test"))  # the same prompts every method is evaluated on
     test_prefs: Optional[str] = None   # held-out pairs for the ranker's eval/reward_accuracy (None: skip)
     task: str = "reviews"              # whose gold judge scores the kept samples
-    n: int = 4                         # N: samples per prompt; the ranker keeps one (KL bound 0.64 nats)
-    ranker: str = "rm"                 # rm: the reward model given by --rm; gold: the gold judge (oracle BoN)
-    temperature: float = 1.0           # sampling temperature of the SFT policy
-    max_prompt_tokens: int = 16        # longer prompts are refused
-    max_new_tokens: int = 48           # length limit when sampling completions
-    n_eval_samples: int = 256          # test prompts (one kept completion each)
-    batch_size: int = 128              # sequences per generate call (n=1: the same batches as evaluate_policy)
+    n: int = checked(4, at_least(1))  # N: samples per prompt; the ranker keeps one (KL bound 0.64 nats)
+    ranker: str = checked("rm", one_of("rm", "gold"))  # rm: the reward model given by --rm; gold: the gold judge (oracle BoN)
+    temperature: float = checked(1.0, POSITIVE)  # sampling temperature of the SFT policy
+    max_prompt_tokens: int = checked(16, POSITIVE)  # longer prompts are refused
+    max_new_tokens: int = checked(48, POSITIVE)  # length limit when sampling completions
+    n_eval_samples: int = checked(256, POSITIVE)  # test prompts (one kept completion each)
+    batch_size: int = checked(128, POSITIVE)  # sequences per generate call (n=1: the same batches as evaluate_policy)
     seed: int = 0                      # seeds sampling
 
-    def validate(self):
-        common.require(self.n >= 1, "n must be at least 1")
-        common.require(self.ranker in ("rm", "gold"), "ranker must be rm or gold")
-        common.require(self.temperature > 0, "temperature must be positive")
-        common.require(self.batch_size >= 1, "batch_size must be positive")
-        common.require(self.n_eval_samples > 0, "n_eval_samples must be positive")
+    validate = validate
 
 
 BEST_OF_N_FAST = dict(n=4, n_eval_samples=64)
@@ -153,26 +228,24 @@ def run_best_of_n(config, sft_dir, rm_dir, out_dir, device="cpu", overwrite=Fals
     """Best-of-N on the test prompts; write config.json and summary.json and return the summary."""
     config.validate()
     started = time.perf_counter()
-    common.require(config.ranker == "gold" or rm_dir, "ranker=rm needs a reward model: pass --rm DIR "
+    require(config.ranker == "gold" or rm_dir, "ranker=rm needs a reward model: pass --rm DIR "
                    "(or --set ranker=gold for the oracle)")
-    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite)
+    run = Run(out_dir, "bon", config, overwrite=overwrite, sft=sft_dir, rm=rm_dir)
     tokenizer = load_tokenizer()
     gold_fn = get_task(config.task).gold_reward
     policy = load_gpt(sft_dir, device, tokenizer)
-    common.check_generation_fits(config, policy.config.block_size)
-    prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts", tokenizer,
-                                               config.max_prompt_tokens)][:config.n_eval_samples]
+    check_generation_fits(config, policy.config.block_size)
+    prompts = read_prompts(config.test_prompts, tokenizer, config.max_prompt_tokens)[:config.n_eval_samples]
     if config.ranker == "rm":
         reward_model = load_scalar_model(rm_dir, device, tokenizer)
         rank_fn = lambda tokens, mask, texts: reward_model.score(tokens.to(device), mask.to(device)).cpu()
     else:
         rank_fn = lambda tokens, mask, texts: gold_fn(texts)
-    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "stage": "bon", "sft": str(sft_dir),
-                                                "rm": str(rm_dir) if rm_dir else None})
+    run.start({})
 
     t0 = time.perf_counter()
     kept = best_of_n(policy, tokenizer, prompts, rank_fn, gold_fn, config,
-                     common.step_generator(config.seed, -1), progress)      # the generator evaluate_policy uses
+                     step_generator(config.seed, -1), progress)      # the generator evaluate_policy uses
     golds = [k["gold"] for k in kept]
     summary = {
         "eval/gold_reward": statistics.mean(golds),
@@ -193,5 +266,4 @@ def run_best_of_n(config, sft_dir, rm_dir, out_dir, device="cpu", overwrite=Fals
         summary["eval/reward_accuracy"] = ranker_accuracy(rank_fn, tokenizer, config.test_prefs, config,
                                                           policy.config.block_size)
     summary["train/seconds"] = time.perf_counter() - started    # the whole stage (nothing is trained)
-    common.write_json(out_dir / "summary.json", summary)
-    return summary
+    return run.finish(summary)

@@ -4,10 +4,10 @@ A stage's folder holds `model.pt` (a plain state_dict, written atomically and re
 with `torch.load(..., weights_only=True)`) and `config.json`, whose "model" entry is the
 GPTConfig needed to rebuild the network before loading its weights.
 """
-import dataclasses
 from pathlib import Path
 
-from minirlhf.common import ConfigError, load_torch, read_json, save_torch
+from minirlhf.config import ConfigError
+from minirlhf.files import load_torch, read_json, save_torch
 from minirlhf.model import GPT, GPTConfig, ScalarHeadModel
 
 
@@ -56,6 +56,3 @@ def load_scalar_model(run_dir, device="cpu", tokenizer=None):
     """The ScalarHeadModel (reward or value model) saved in `run_dir`, in eval mode."""
     return _load_into(ScalarHeadModel(_checked_config(run_dir, tokenizer)), run_dir).to(device).eval()
 
-
-def gpt_config_dict(config):
-    return dataclasses.asdict(config)

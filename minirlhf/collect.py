@@ -24,9 +24,11 @@ import statistics
 import torch
 from tqdm.auto import tqdm
 
-from minirlhf import common
 from minirlhf.checkpoints import load_gpt
-from minirlhf.data import default_path, read_jsonl, write_jsonl
+from minirlhf.config import NON_NEGATIVE, POSITIVE, at_least, between, check_generation_fits, checked, require, validate
+from minirlhf.data import default_path, read_prompts, write_jsonl
+from minirlhf.preferences import pairs_of_ranking
+from minirlhf.runs import Run
 from minirlhf.sampling import generate
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import load_tokenizer
@@ -37,25 +39,17 @@ class CollectConfig:
     """Sample K completions per prompt from the SFT policy and have a simulated labeler rank them."""
     prompts: str = str(default_path("prompts_train"))  # prompts JSONL: {"prompt"}
     task: str = "reviews"              # whose gold judge the labeler follows
-    n_prompts: int = 2000              # prompts to label (train + held-out)
-    test_fraction: float = 0.1         # share of prompts held out for reward-model evaluation
-    k: int = 16                        # completions per prompt (InstructGPT: 4 to 9; see docs/reward.md for 16)
-    sample_temperature: float = 1.0    # sampling temperature of the SFT policy
-    labeler_temperature: float = 0.1   # Plackett-Luce noise τ; 0 ranks exactly by gold
-    max_new_tokens: int = 48           # completion length limit
-    max_prompt_tokens: int = 16        # longer prompts are refused
-    batch_size: int = 1024             # sequences generated at once (a little faster than 256: benchmarks/)
+    n_prompts: int = checked(2000, at_least(2))  # prompts to label (train + held-out)
+    test_fraction: float = checked(0.1, between(0, 1, low_open=True, high_open=True))  # share of prompts held out for reward-model evaluation
+    k: int = checked(16, at_least(2), "a ranking needs two completions")  # completions per prompt (InstructGPT: 4 to 9; see docs/reward.md for 16)
+    sample_temperature: float = checked(1.0, POSITIVE)  # sampling temperature of the SFT policy
+    labeler_temperature: float = checked(0.1, NON_NEGATIVE)  # Plackett-Luce noise τ; 0 ranks exactly by gold
+    max_new_tokens: int = checked(48, POSITIVE)  # completion length limit
+    max_prompt_tokens: int = checked(16, POSITIVE)  # longer prompts are refused
+    batch_size: int = checked(1024, POSITIVE)  # sequences generated at once (a little faster than 256: benchmarks/)
     seed: int = 0                      # seeds sampling, labels and the split
 
-    def validate(self):
-        common.require(self.k >= 2, "k must be at least 2 (a ranking needs two completions)")
-        common.require(self.n_prompts >= 2, "n_prompts must be at least 2")
-        common.require(0 < self.test_fraction < 1, "test_fraction must be in (0, 1)")
-        common.require(self.labeler_temperature >= 0, "labeler_temperature must be >= 0")
-        common.require(self.sample_temperature > 0, "sample_temperature must be positive")
-        common.require(self.max_prompt_tokens > 0 and self.max_new_tokens > 0,
-                       "max_prompt_tokens and max_new_tokens must be positive")
-        common.require(self.batch_size > 0, "batch_size must be positive")
+    validate = validate
 
 
 FAST = dict(n_prompts=120, k=4)
@@ -77,12 +71,6 @@ def plackett_luce_ranking(scores, temperature, rng):
     return sorted(range(len(scores)), key=lambda i: -keys[i])
 
 
-def pairs_of_ranking(prompt, ranked):
-    """All C(K,2) (chosen, rejected) pairs of one ranking, chosen ranked higher."""
-    return [{"prompt": prompt, "chosen": ranked[i], "rejected": ranked[j]}
-            for i, j in itertools.combinations(range(len(ranked)), 2)]
-
-
 def label_agreement(rankings_with_gold):
     """Share of labeled pairs (with different gold scores) ordered as the gold judge orders them."""
     agree, total = 0, 0
@@ -102,16 +90,15 @@ def collect(config, sft_dir, out_dir, device="cpu", overwrite=False, progress=Tr
     config.validate()
     tokenizer = load_tokenizer()
     policy = load_gpt(sft_dir, device, tokenizer)
-    common.check_generation_fits(config, policy.config.block_size)
+    check_generation_fits(config, policy.config.block_size)
     gold_fn = get_task(config.task).gold_reward
-    prompts = [r["prompt"] for r in read_jsonl(config.prompts, "prompts", tokenizer,
-                                               config.max_prompt_tokens)][:config.n_prompts]
-    common.require(len(prompts) >= 2, f"{config.prompts} holds fewer than 2 prompts")
-    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite)
+    prompts = read_prompts(config.prompts, tokenizer, config.max_prompt_tokens)[:config.n_prompts]
+    require(len(prompts) >= 2, f"{config.prompts} holds fewer than 2 prompts")
+    run = Run(out_dir, "collect", config, overwrite=overwrite, sft=sft_dir)
+    run.start({})
+    out_dir = run.out_dir
     random.Random(config.seed).shuffle(prompts)
     n_test = max(1, round(len(prompts) * config.test_fraction))
-    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "sft": str(sft_dir),
-                                                "stage": "collect"})
 
     generator = torch.Generator().manual_seed(config.seed)
     labeler_rng = torch.Generator().manual_seed(config.seed + 1)
@@ -146,5 +133,4 @@ def collect(config, sft_dir, out_dir, device="cpu", overwrite=False, progress=Tr
         "labels/train_pairs": len(train) * config.k * (config.k - 1) // 2,
         "labels/identical_completions": sum(len(set(r["completions"])) < config.k for r in rankings) / len(rankings),
     }
-    common.write_json(out_dir / "summary.json", summary)
-    return summary
+    return run.finish(summary)

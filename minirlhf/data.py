@@ -83,6 +83,11 @@ def read_jsonl(path, kind, tokenizer=None, max_prompt_tokens=None):
     return records
 
 
+def read_prompts(path, tokenizer=None, max_prompt_tokens=None):
+    """The prompt strings of a prompts file (any format with a "prompt" field), checked to fit."""
+    return [r["prompt"] for r in read_jsonl(path, "prompts", tokenizer, max_prompt_tokens)]
+
+
 def write_jsonl(path, records):
     """Write records one per line, atomically."""
     path = Path(path)
@@ -204,8 +209,3 @@ def length_bucketed_batches(lengths, batch_size, generator, pool=32):
         out += [pooled[i:i + batch_size] for i in range(0, len(pooled), batch_size)]
     return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
 
-
-def batches(n, batch_size, generator=None, shuffle=True):
-    """Index lists covering range(n) in (shuffled) batches; the last one may be smaller."""
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from minirlhf.common import atomic_write_text
+from minirlhf.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 SOLUTION = ("### BEGIN SOLUTION", "### END SOLUTION")

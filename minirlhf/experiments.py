@@ -21,14 +21,24 @@ it does not assume the paper's answer.
 import dataclasses
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from minirlhf import common
-
-COLOURS = {"dpo": "tab:red", "rpo": "tab:brown", "ppo": "tab:blue", "ppo_gt": "tab:purple",
-           "preferred_ft": "tab:green", "best_of_n": "tab:orange", "sft": "black"}
+from minirlhf import baselines, dpo, ppo
+from minirlhf.checkpoints import load_gpt
+from minirlhf.config import ConfigError, build, require, validate
+from minirlhf.data import default_path, read_prompts
+from minirlhf.files import read_json, write_json
+from minirlhf.frontier_report import (COLOURS, best_within, frontier_envelope, plot_frontier,  # noqa: F401
+                                      plot_overoptimisation, write_report)
+from minirlhf.optim import step_generator
+from minirlhf.pipeline import stage_functions
+from minirlhf.sampling import sample_completions
+from minirlhf.tasks import get_task
+from minirlhf.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -46,21 +56,23 @@ class FrontierConfig:
     overopt_iterations: int = 60              # length of the no-KL PPO run (over-optimisation)
     seed: int = 0                             # seed of every run
 
-    def validate(self):
+    validate = validate
+
+    def check_together(self):
         for name in ("dpo_betas", "rpo_betas", "ppo_kl_coefs", "ppo_gt_kl_coefs", "bon_ns", "temperatures"):
             try:
                 values = floats(getattr(self, name))
             except ValueError:
-                raise common.ConfigError(f"{name} must be comma-separated numbers, got {getattr(self, name)!r}")
-            common.require(all(v >= 0 for v in values), f"{name} must not be negative")
-        common.require(all(b > 0 for b in floats(self.dpo_betas) + floats(self.rpo_betas)),
+                raise ConfigError(f"{name} must be comma-separated numbers, got {getattr(self, name)!r}")
+            require(all(v >= 0 for v in values), f"{name} must not be negative")
+        require(all(b > 0 for b in floats(self.dpo_betas) + floats(self.rpo_betas)),
                        "dpo_betas and rpo_betas must be positive")
-        common.require(all(t > 0 for t in floats(self.temperatures)), "temperatures must be positive")
-        common.require(self.n_eval >= 2, "n_eval must be at least 2")
-        common.require(all(n >= 1 and n == int(n) for n in floats(self.bon_ns)), "bon_ns must be whole numbers >= 1")
-        common.require(self.ppo_eval_every > 0 and self.overopt_iterations > 0,
+        require(all(t > 0 for t in floats(self.temperatures)), "temperatures must be positive")
+        require(self.n_eval >= 2, "n_eval must be at least 2")
+        require(all(n >= 1 and n == int(n) for n in floats(self.bon_ns)), "bon_ns must be whole numbers >= 1")
+        require(self.ppo_eval_every > 0 and self.overopt_iterations > 0,
                        "ppo_eval_every and overopt_iterations must be positive")
-        common.require(self.dpo_eval_every >= 0, "dpo_eval_every must be >= 0 (0: final evaluation only)")
+        require(self.dpo_eval_every >= 0, "dpo_eval_every must be >= 0 (0: final evaluation only)")
 
 
 FAST = dict(dpo_betas="0.1,1.0", rpo_betas="0.25", ppo_kl_coefs="0.05,0.5", ppo_gt_kl_coefs="0.05",
@@ -77,34 +89,31 @@ def floats(text):
 
 def sweep_runs(config, fast):
     """(method, label, run(out_dir, base, resume=False, overwrite=False) -> summary) for every point of the sweep."""
-    from minirlhf import baselines, dpo, ppo
     seed, kw = config.seed, dict(progress=False)
 
-    def stage(cls, fast_overrides, variant=None, **extra):
-        base = common.apply_overrides(cls(), variant or {})
-        base = common.apply_overrides(base, fast_overrides) if fast else base
-        return common.apply_overrides(base, {"seed": seed, **extra})
+    def stage(defaults, fast_overrides, variant=None, **extra):
+        return build(defaults, variant=variant, fast=fast_overrides if fast else None, seed=seed, overrides=[extra])
 
     runs = []
     for method, betas, variant in (("dpo", config.dpo_betas, dpo.PLAIN_DPO), ("rpo", config.rpo_betas, None)):
         for beta in floats(betas):
-            cfg = stage(dpo.DPOConfig, dpo.FAST, variant=variant, beta=beta, eval_every=config.dpo_eval_every,
+            cfg = stage(dpo.DPOConfig(), dpo.FAST, variant=variant, beta=beta, eval_every=config.dpo_eval_every,
                         n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)
             runs.append((method, f"β={beta:g}", lambda out, b, cfg=cfg, **more: dpo.train_dpo(
-                cfg, b / "sft", b / "prefs" / "pairs.jsonl", out, **kw, **more)))
-    cfg = stage(dpo.DPOConfig, {**dpo.FAST, **baselines.PREFERRED_FT_FAST}, variant=baselines.PREFERRED_FT,
+                cfg, b / "sft", b / "prefs" / "rankings.jsonl", out, **kw, **more)))
+    cfg = stage(baselines.PreferredFTConfig(), baselines.PREFERRED_FT_FAST,
                 eval_every=max(1, config.dpo_eval_every // 5), n_periodic_eval=config.n_eval,
                 n_eval_samples=config.n_eval)
-    runs.append(("preferred_ft", "", lambda out, b, cfg=cfg, **more: dpo.train_dpo(
-        cfg, b / "sft", b / "prefs" / "pairs.jsonl", out, stage="preferred_ft", **kw, **more)))
+    runs.append(("preferred_ft", "", lambda out, b, cfg=cfg, **more: baselines.train_preferred_ft(
+        cfg, b / "sft", b / "prefs" / "rankings.jsonl", out, **kw, **more)))
     for reward, coefs in (("rm", config.ppo_kl_coefs), ("gold", config.ppo_gt_kl_coefs)):
         for coef in floats(coefs):
-            cfg = stage(ppo.PPOConfig, ppo.FAST, reward=reward, kl_coef=coef, eval_every=config.ppo_eval_every,
+            cfg = stage(ppo.PPOConfig(), ppo.FAST, reward=reward, kl_coef=coef, eval_every=config.ppo_eval_every,
                         n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)
             runs.append(("ppo" if reward == "rm" else "ppo_gt", f"β={coef:g}",
                          lambda out, b, cfg=cfg, **more: ppo.train_ppo(cfg, b / "sft", b / "rm", out, **kw, **more)))
     for n in floats(config.bon_ns):
-        cfg = stage(baselines.BestOfNConfig, baselines.BEST_OF_N_FAST, n=int(n), n_eval_samples=config.n_eval)
+        cfg = stage(baselines.BestOfNConfig(), baselines.BEST_OF_N_FAST, n=int(n), n_eval_samples=config.n_eval)
         runs.append(("best_of_n", f"N={int(n)}", lambda out, b, cfg=cfg, resume=False, overwrite=False:
                      baselines.run_best_of_n(cfg, b / "sft", b / "rm", out, overwrite=overwrite, **kw)))
     return runs
@@ -123,40 +132,19 @@ def points_of(run_dir, summary):
     return points
 
 
-def frontier_envelope(points):
-    """The best gold reward reached at or below each KL: sorted by KL, running maximum of gold."""
-    envelope, best = [], float("-inf")
-    for kl, gold in sorted(points):
-        if gold > best:
-            best = gold
-            envelope.append((kl, gold))
-    return envelope
-
-
-def best_within(points, budget):
-    """Highest gold reward among points with KL ≤ budget (None if there are none)."""
-    golds = [g for kl, g in points if kl <= budget]
-    return max(golds) if golds else None
-
-
 # ---------------------------------------------------------------------------
 # Win rate against SFT samples as the sampling temperature varies
 
 @torch.no_grad()
 def win_rates(policy_dirs, base, temperatures, n_eval, seed):
     """{method: [win rate at each temperature]} against SFT samples at temperature 1 (ties count ½)."""
-    from minirlhf.checkpoints import load_gpt
-    from minirlhf.data import default_path, read_jsonl
-    from minirlhf.sampling import sample_completions
-    from minirlhf.tasks import get_task
-    from minirlhf.tokenizer import load_tokenizer
     tokenizer, gold_fn = load_tokenizer(), get_task("reviews").gold_reward
-    prompts = [r["prompt"] for r in read_jsonl(default_path("prompts_test"), "prompts")][:n_eval]
+    prompts = read_prompts(default_path("prompts_test"))[:n_eval]
     kw = dict(max_new_tokens=48, max_prompt_tokens=16)
 
     def golds(model, temperature, salt):
         completions = sample_completions(model, tokenizer, prompts, temperature=temperature,
-                                         generator=common.step_generator(seed, salt), **kw)
+                                         generator=step_generator(seed, salt), **kw)
         return gold_fn([p + c for p, c in zip(prompts, completions)])
 
     baseline = golds(load_gpt(base / "sft", tokenizer=tokenizer), 1.0, -7)
@@ -178,17 +166,12 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
     `base_dir` is a `run` folder whose sft/, prefs/ and rm/ are reused; without it they are
     trained into out_dir/base first.
     """
-    import time
-    from tqdm.auto import tqdm
-    from minirlhf import ppo
-    from minirlhf.frontier_report import plot_frontier, plot_overoptimisation, write_report
-    from minirlhf.pipeline import stage_functions
     config.validate()
     out = Path(out_dir)
     if (out / "summary.json").exists() and not (overwrite or resume):
-        raise common.ConfigError(f"{out} already holds a finished sweep; pass --overwrite or choose another --out")
+        raise ConfigError(f"{out} already holds a finished sweep; pass --overwrite or choose another --out")
     if (out / "runs").exists() and not (overwrite or resume):
-        raise common.ConfigError(f"{out} holds an unfinished sweep; pass --resume to continue it, --overwrite to "
+        raise ConfigError(f"{out} holds an unfinished sweep; pass --resume to continue it, --overwrite to "
                                  "start again, or choose another --out")
     started = time.perf_counter()
     base = Path(base_dir) if base_dir else out / "base"
@@ -198,15 +181,15 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
             if not (resume and (base / name / "summary.json").exists()):
                 run()
     for needed in ("sft", "prefs", "rm"):
-        common.require((base / needed / "summary.json").exists(), f"{base / needed} is missing: pass a finished "
+        require((base / needed / "summary.json").exists(), f"{base / needed} is missing: pass a finished "
                        "`python -m minirlhf run` folder as --from, or leave --from out")
 
-    results = {"sft": [{"label": "", "points": [(0.0, common.read_json(base / "sft" / "summary.json")["eval/gold_reward"])]}]}
+    results = {"sft": [{"label": "", "points": [(0.0, read_json(base / "sft" / "summary.json")["eval/gold_reward"])]}]}
     finals = {}
     for method, label, run in tqdm(sweep_runs(config, fast), desc="frontier", disable=not progress):
         run_dir = out / "runs" / f"{method}{'_' + label.replace('β=', 'beta').replace('N=', 'n') if label else ''}"
         if resume and (run_dir / "summary.json").exists():
-            summary = common.read_json(run_dir / "summary.json")
+            summary = read_json(run_dir / "summary.json")
         else:
             summary = run(run_dir, base, resume=resume and (run_dir / "checkpoint.pt").exists(), overwrite=overwrite)
         results.setdefault(method, []).append({"label": label, "dir": str(run_dir), "points": points_of(run_dir, summary),
@@ -216,12 +199,10 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
     # Over-optimisation (Gao et al. 2022): no KL penalty, a long run, proxy and gold against KL.
     overopt_dir = out / "runs" / "ppo_overoptimisation"
     if not (resume and (overopt_dir / "summary.json").exists()):
-        base_cfg = common.apply_overrides(ppo.PPOConfig(), ppo.FAST) if fast else ppo.PPOConfig()
         # evaluated every iteration: without the KL penalty the gold reward peaks within a few iterations
-        cfg = common.apply_overrides(base_cfg, dict(seed=config.seed, kl_coef=0.0,
-                                                    iterations=config.overopt_iterations, eval_every=1,
-                                                    n_periodic_eval=config.n_eval,
-                                                    n_eval_samples=config.n_eval))
+        cfg = build(ppo.PPOConfig(), fast=ppo.FAST if fast else None, seed=config.seed,
+                    overrides=[dict(kl_coef=0.0, iterations=config.overopt_iterations, eval_every=1,
+                                    n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)])
         ppo.train_ppo(cfg, base / "sft", base / "rm", overopt_dir, progress=False, overwrite=overwrite,
                       resume=resume and (overopt_dir / "checkpoint.pt").exists())
     overopt = [r for r in map(json.loads, (overopt_dir / "metrics.jsonl").read_text().splitlines())
@@ -244,5 +225,5 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
                "base": str(base), "fast": fast, "seed": config.seed, "n_eval": config.n_eval,
                "total_seconds": time.perf_counter() - started}
     write_report(summary, out / "frontier.md")
-    common.write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary

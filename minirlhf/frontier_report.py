@@ -1,14 +1,33 @@
-"""Plots and the written report of the frontier sweep (`minirlhf.experiments`).
+"""The frontier's envelope, its plots and the written report of the sweep (`minirlhf.experiments`).
 
 Everything here reads measured points; the sentences are generated from them, so the
 report says whichever frontier came out higher, by how much, and at which KL.
 """
-from minirlhf import common
-from minirlhf.experiments import COLOURS, best_within, frontier_envelope
+from minirlhf.files import atomic_write_text
+from minirlhf.runs import figure
+
+COLOURS = {"dpo": "tab:red", "rpo": "tab:brown", "ppo": "tab:blue", "ppo_gt": "tab:purple",
+           "preferred_ft": "tab:green", "best_of_n": "tab:orange", "sft": "black"}
 
 KL_BUDGETS = [0.5, 1, 2, 4, 8, 16, 32]
 NAMES = {"sft": "SFT", "dpo": "DPO", "rpo": "RPO (DPO + NLL, the kit's default)", "ppo": "PPO (reward model)",
          "ppo_gt": "PPO-GT (gold reward)", "preferred_ft": "Preferred-FT", "best_of_n": "Best-of-N"}
+
+
+def frontier_envelope(points):
+    """The best gold reward reached at or below each KL: sorted by KL, running maximum of gold."""
+    envelope, best = [], float("-inf")
+    for kl, gold in sorted(points):
+        if gold > best:
+            best = gold
+            envelope.append((kl, gold))
+    return envelope
+
+
+def best_within(points, budget):
+    """Highest gold reward among points with KL ≤ budget (None if there are none)."""
+    golds = [g for kl, g in points if kl <= budget]
+    return max(golds) if golds else None
 
 
 def _all_points(runs):
@@ -18,7 +37,7 @@ def _all_points(runs):
 def plot_frontier(results, temperatures, rates, path):
     """Left: gold reward vs KL, every evaluation as a dot, each method's frontier as a line.
     Right: win rate against SFT samples vs sampling temperature."""
-    fig, (left, right) = common.figure(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = figure(1, 2, figsize=(11, 4.2))
     for method, runs in results.items():
         points = _all_points(runs)
         left.scatter([p[0] for p in points], [p[1] for p in points], s=12, alpha=0.45, color=COLOURS[method])
@@ -46,7 +65,7 @@ def plot_frontier(results, temperatures, rates, path):
 
 def plot_overoptimisation(rows, path):
     """Gold and proxy reward against KL along one long PPO run without a KL penalty (Gao et al. 2022)."""
-    fig, ax = common.figure(figsize=(5.5, 4))
+    fig, ax = figure(figsize=(5.5, 4))
     kls = [r["eval/kl"] for r in rows]
     ax.plot(kls, [r["eval/gold_reward"] for r in rows], "-o", ms=3, label="gold reward", color="tab:green")
     ax.set_xlabel("KL(π ‖ π_SFT), nats")
@@ -92,7 +111,7 @@ def write_report(summary, path):
             lines.append(f"| {NAMES[m]} (first setting) | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     lines += ["", "## Over-optimisation", "", "![over-optimisation](overoptimisation.png)", "",
               *overoptimisation_sentences(summary["overoptimisation"])]
-    common.atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def comparison(best, a, b, n_eval):

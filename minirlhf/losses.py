@@ -413,6 +413,40 @@ def dpo_loss(
 
 
 # ---------------------------------------------------------------------------------------
+# RPO: DPO plus the NLL of the chosen responses (Pang et al. 2024, "Iterative reasoning
+# preference optimization").
+
+
+def rpo_nll(logps, lengths, chosen):
+    """(loss, metrics): mean over pairs of −log π(y_c|x) / |y_c|, the chosen responses' NLL per token.
+
+    logps (U,) summed log-probs of the batch's distinct sequences; lengths (U,) their number of
+    response tokens (≥ 1); chosen (P,) long, the row of each pair's chosen response (a ranking's
+    best is chosen in K−1 pairs and counts K−1 times). Added to DPO with a weight α (`nll_coef`).
+    """
+    nll = -(logps / lengths)[chosen].mean()  # (U,) per-token NLL of each row -> (P,) chosen rows -> scalar
+    return nll, {"loss/nll_chosen": nll.item()}
+
+
+# ---------------------------------------------------------------------------------------
+# Diagnostics that PPO logs (not losses: nothing is differentiated through them).
+
+
+def entropy(logits):
+    """(B, T) entropy in nats of the next-token distribution softmax(logits), logits (B, T, V)."""
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # (B, T)
+
+
+def explained_variance(values, returns, mask):
+    """1 − Var(R − V)/Var(R) over the masked entries of (B, T) tensors, as a 0-dim tensor:
+    1 is a perfect critic, ≤ 0 no better than a constant."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values  # (B, T)
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return 1 - var_residual / var_returns.clamp_min(1e-8)
+
+
+# ---------------------------------------------------------------------------------------
 # Adaptive KL coefficient.
 
 

@@ -12,8 +12,13 @@ import json
 import time
 from pathlib import Path
 
-from minirlhf import common
+from minirlhf import baselines, collect, dpo, ppo, reward, sft
+from minirlhf.config import ConfigError, build
 from minirlhf.data import DATA_DIR
+from minirlhf.files import atomic_write_text, read_json, write_json
+from minirlhf.runs import figure
+from minirlhf.tasks import reviews
+from minirlhf.tokenizer import train_and_save
 
 METHODS = ["sft", "ppo", "dpo", "preferred_ft", "best_of_n"]   # rows of the report's table, in order
 
@@ -21,21 +26,16 @@ METHODS = ["sft", "ppo", "dpo", "preferred_ft", "best_of_n"]   # rows of the rep
 # ---------------------------------------------------------------------------
 # The stages, each a function of the run folder and the shared settings
 
-def _config(cls, fast_overrides, fast, seed, base=None):
-    """The stage's defaults, then `base` (a variant such as Preferred-FT), then --fast, then the seed."""
-    config = common.apply_overrides(cls(), base or {})
-    config = common.apply_overrides(config, fast_overrides) if fast else config
-    return common.apply_overrides(config, {"seed": seed})
-
-
 def stage_functions(out, fast, seed, device, progress, resume=False, overwrite=False):
     """(name, run) pairs in pipeline order; each run() returns the stage's summary dict.
 
     With `resume`, a training stage whose folder holds a checkpoint.pt continues from it;
     with `overwrite`, each stage replaces what its folder holds."""
-    from minirlhf import baselines, collect, dpo, ppo, reward, sft
     kw = dict(device=device, progress=progress, overwrite=overwrite)
-    pairs = out / "prefs" / "pairs.jsonl"
+    rankings = out / "prefs" / "rankings.jsonl"     # DPO and Preferred-FT: whole rankings, as the reward model
+
+    def config(defaults, fast_overrides):
+        return build(defaults, fast=fast_overrides if fast else None, seed=seed)
 
     def go_on(name):          # --resume for the training stages (collect and Best-of-N keep no checkpoint)
         return dict(resume=resume and (out / name / "checkpoint.pt").exists())
@@ -45,20 +45,19 @@ def stage_functions(out, fast, seed, device, progress, resume=False, overwrite=F
                                          out / "rm", **kw, **go_on("rm"))
 
     return [
-        ("sft", lambda: sft.train_sft(_config(sft.SFTConfig, sft.FAST, fast, seed), out / "sft", **kw, **go_on("sft"))),
-        ("prefs", lambda: collect.collect(_config(collect.CollectConfig, collect.FAST, fast, seed), out / "sft",
+        ("sft", lambda: sft.train_sft(config(sft.SFTConfig(), sft.FAST), out / "sft", **kw, **go_on("sft"))),
+        ("prefs", lambda: collect.collect(config(collect.CollectConfig(), collect.FAST), out / "sft",
                                           out / "prefs", **kw)),
-        ("rm", lambda: train_rm(_config(reward.RewardConfig, reward.FAST, fast, seed))),
-        ("ppo", lambda: ppo.train_ppo(_config(ppo.PPOConfig, ppo.FAST, fast, seed), out / "sft", out / "rm",
+        ("rm", lambda: train_rm(config(reward.RewardConfig(), reward.FAST))),
+        ("ppo", lambda: ppo.train_ppo(config(ppo.PPOConfig(), ppo.FAST), out / "sft", out / "rm",
                                       out / "ppo", **kw, **go_on("ppo"))),
-        ("dpo", lambda: dpo.train_dpo(_config(dpo.DPOConfig, dpo.FAST, fast, seed), out / "sft", pairs,
+        ("dpo", lambda: dpo.train_dpo(config(dpo.DPOConfig(), dpo.FAST), out / "sft", rankings,
                                       out / "dpo", **kw, **go_on("dpo"))),
-        ("preferred_ft", lambda: dpo.train_dpo(
-            _config(dpo.DPOConfig, {**dpo.FAST, **baselines.PREFERRED_FT_FAST}, fast, seed, base=baselines.PREFERRED_FT),
-            out / "sft", pairs,
-            out / "preferred_ft", stage="preferred_ft", **kw, **go_on("preferred_ft"))),
+        ("preferred_ft", lambda: baselines.train_preferred_ft(
+            config(baselines.PreferredFTConfig(), baselines.PREFERRED_FT_FAST), out / "sft", rankings,
+            out / "preferred_ft", **kw, **go_on("preferred_ft"))),
         ("best_of_n", lambda: baselines.run_best_of_n(
-            _config(baselines.BestOfNConfig, baselines.BEST_OF_N_FAST, fast, seed), out / "sft", out / "rm",
+            config(baselines.BestOfNConfig(), baselines.BEST_OF_N_FAST), out / "sft", out / "rm",
             out / "best_of_n", **kw)),
     ]
 
@@ -68,8 +67,6 @@ def ensure_data(seed=0):
     names = ["sft_train", "sft_val", "prompts_train", "prompts_test"]
     if all((DATA_DIR / f"{n}.jsonl").exists() for n in names) and (DATA_DIR / "tokenizer.tiktoken").exists():
         return "shipped"
-    from minirlhf.tasks import reviews
-    from minirlhf.tokenizer import train_and_save
     reviews.write_datasets(DATA_DIR, seed=seed)
     train = [json.loads(line) for line in (DATA_DIR / "sft_train.jsonl").read_text().splitlines()]
     train_and_save([r["prompt"] + r["completion"] for r in train])
@@ -80,18 +77,18 @@ def run_pipeline(out_dir, fast=False, seed=0, device="cpu", resume=False, overwr
     """Run every stage into `out_dir`; return the combined summary. With `resume`, finished stages are kept."""
     out = Path(out_dir)
     if (out / "summary.json").exists() and not (overwrite or resume):
-        raise common.ConfigError(f"{out} already holds a finished run; pass --overwrite or choose another --out")
+        raise ConfigError(f"{out} already holds a finished run; pass --overwrite or choose another --out")
     if any(out.glob("*/config.json")) and not (overwrite or resume):
-        raise common.ConfigError(f"{out} holds an unfinished run; pass --resume to continue it, --overwrite to "
+        raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it, --overwrite to "
                                  "start again, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     combined = {"data": ensure_data(), "fast": fast, "seed": seed, "stages": {}}
     # read once: timings.json is rewritten after every stage, with the stages seen so far
-    timings = common.read_json(out / "timings.json") if resume and (out / "timings.json").exists() else {}
+    timings = read_json(out / "timings.json") if resume and (out / "timings.json").exists() else {}
     for name, run in stage_functions(out, fast, seed, device, progress, resume=resume, overwrite=overwrite):
         stage_dir = out / name
         if resume and (stage_dir / "summary.json").exists():
-            summary = common.read_json(stage_dir / "summary.json")
+            summary = read_json(stage_dir / "summary.json")
             seconds = timings.get(name, float("nan"))
         else:
             if progress:
@@ -100,11 +97,11 @@ def run_pipeline(out_dir, fast=False, seed=0, device="cpu", resume=False, overwr
             summary = run()
             seconds = time.perf_counter() - started
         combined["stages"][name] = {**summary, "wall_seconds": seconds}
-        common.write_json(out / "timings.json", {k: v["wall_seconds"] for k, v in combined["stages"].items()})
+        write_json(out / "timings.json", {k: v["wall_seconds"] for k, v in combined["stages"].items()})
     combined["total_seconds"] = sum(v["wall_seconds"] for v in combined["stages"].values())
     plot_gold_vs_kl(combined, out / "gold_vs_kl.png")
-    common.atomic_write_text(out / "report.md", report(combined, out))
-    common.write_json(out / "summary.json", combined)
+    atomic_write_text(out / "report.md", report(combined, out))
+    write_json(out / "summary.json", combined)
     return combined
 
 
@@ -120,7 +117,7 @@ def method_row(name, stages):
 
 
 def plot_gold_vs_kl(combined, path):
-    fig, ax = common.figure(figsize=(5.5, 4))
+    fig, ax = figure(figsize=(5.5, 4))
     for name in METHODS:
         gold, sem, kl, _, _ = method_row(name, combined["stages"])
         ax.errorbar([kl], [gold], yerr=[sem], fmt="o", capsize=3, label=name)

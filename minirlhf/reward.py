@@ -31,14 +31,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from minirlhf import common
-from minirlhf.checkpoints import load_gpt, save_model
-from minirlhf.collect import pairs_of_ranking
-from minirlhf.data import DataError, by_length_in_chunks, encode_example, read_jsonl, write_jsonl
+from minirlhf.checkpoints import load_gpt
+from minirlhf.config import NON_NEGATIVE, POSITIVE, at_least, between, check_generation_fits, checked, one_of, require, validate
+from minirlhf.data import DataError, by_length_in_chunks, encode_example, write_jsonl
 from minirlhf.losses import bradley_terry_loss, ranking_loss
 from minirlhf.model import ScalarHeadModel
+from minirlhf.optim import cosine_lr, make_optimizer, optimizer_step, seed_everything, set_lr, step_generator
+from minirlhf.preferences import held_out_path, read_preferences
+from minirlhf.runs import Run, figure
 from minirlhf.sampling import sample_completions
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import load_tokenizer
@@ -49,39 +50,31 @@ LOSSES = ("pairwise", "ranking")
 @dataclasses.dataclass
 class RewardConfig:
     """Train a reward model on preferences. Defaults train in well under a minute on 2 cores."""
-    loss: str = "ranking"             # "ranking" (K-wise, InstructGPT; rankings.jsonl) or "pairwise" (pairs.jsonl)
+    loss: str = checked("ranking", one_of(*LOSSES))  # "ranking" (K-wise, InstructGPT; rankings.jsonl) or "pairwise" (pairs.jsonl)
     test_prefs: Optional[str] = None  # held-out preferences; None: the sibling *_test.jsonl of --prefs
     task: str = "reviews"             # whose gold judge gives eval/bayes_accuracy and eval/gold_corr
-    steps: int = 340                  # optimiser steps (1.5 passes over collect's 1800 rankings; 60 s budget)
-    batch_size: int = 8               # rankings per step (K=16: 120 pairs from 16 rows each), or pairs per step (pairwise)
-    lr: float = 1e-3                  # peak learning rate (AdamW)
-    warmup_steps: int = 20            # linear warm-up steps before the cosine decay
-    min_lr_ratio: float = 0.1         # the cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.1         # AdamW weight decay on matrices
-    grad_clip: float = 1.0            # clip the global gradient norm to this
-    eval_every: int = 100             # steps between held-out evaluations (and checkpoints)
-    max_prompt_tokens: int = 16       # longer prompts are refused
-    max_new_tokens: int = 48          # length limit of the SFT samples used for normalisation
-    n_norm_prompts: int = 256         # train records whose prompts' SFT samples set the reward's mean and std
-    chunk_rows: int = 16              # a step's sequences run in length-sorted chunks of this many rows (less padding)
+    steps: int = checked(340, POSITIVE)  # optimiser steps (1.5 passes over collect's 1800 rankings; 60 s budget)
+    batch_size: int = checked(8, POSITIVE)  # rankings per step (K=16: 120 pairs from 16 rows each), or pairs per step (pairwise)
+    lr: float = checked(1e-3, POSITIVE)  # peak learning rate (AdamW)
+    warmup_steps: int = checked(20, NON_NEGATIVE)  # linear warm-up steps before the cosine decay
+    min_lr_ratio: float = checked(0.1, between(0, 1))  # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = checked(0.1, NON_NEGATIVE)  # AdamW weight decay on matrices
+    grad_clip: float = checked(1.0, POSITIVE)  # clip the global gradient norm to this
+    eval_every: int = checked(100, POSITIVE)  # steps between held-out evaluations (and checkpoints)
+    max_prompt_tokens: int = checked(16, POSITIVE)  # longer prompts are refused
+    max_new_tokens: int = checked(48, POSITIVE)  # length limit of the SFT samples used for normalisation
+    n_norm_prompts: int = checked(256, at_least(2), "a std needs two samples")  # train records whose prompts' SFT samples set the reward's mean and std
+    chunk_rows: int = checked(16, POSITIVE)  # a step's sequences run in length-sorted chunks of this many rows (less padding)
     seed: int = 0                     # seeds batch order, the head's init and the normalisation samples
 
-    def validate(self):
-        common.require(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        common.require(self.steps > 0, "steps must be positive")
-        common.require(self.batch_size > 0, "batch_size must be positive")
-        common.require(self.lr > 0, "lr must be positive")
-        common.require(self.eval_every > 0, "eval_every must be positive")
-        common.require(self.grad_clip > 0, "grad_clip must be positive")
-        common.require(self.chunk_rows > 0, "chunk_rows must be positive")
-        common.require(self.n_norm_prompts >= 2, "n_norm_prompts must be at least 2 (a std needs two samples)")
+    validate = validate
 
 
 FAST = dict(steps=60, batch_size=8, eval_every=20, warmup_steps=6, lr=1e-3, n_norm_prompts=64)
 
 
 # ---------------------------------------------------------------------------
-# Preference data
+# Preference data (minirlhf.preferences): rankings for the K-wise loss, pairs for Bradley-Terry
 
 def preferences_file(prefs_dir, loss):
     """The file of a `collect` folder that `loss` trains on: rankings.jsonl for the K-wise
@@ -89,36 +82,16 @@ def preferences_file(prefs_dir, loss):
     return Path(prefs_dir) / ("rankings.jsonl" if loss == "ranking" else "pairs.jsonl")
 
 
-def held_out_path(prefs_path):
-    """The held-out sibling of a preference file: pairs.jsonl -> pairs_test.jsonl."""
-    path = Path(prefs_path)
-    return path.with_name(f"{path.stem}_test{path.suffix}")
-
-
-def load_preferences(path, loss, tokenizer=None, max_prompt_tokens=None):
-    """Records for `loss`: pairs {"prompt","chosen","rejected"} or rankings {"prompt","completions"}.
-
-    A rankings file gives all its C(K,2) pairs to the pairwise loss; a pairs file cannot
-    give rankings back, and anything else is refused with the file to pass instead. With a
-    tokenizer, a prompt longer than `max_prompt_tokens` is refused with its line number."""
-    path = Path(path)
-    first = read_jsonl(path, "prompts")[0]          # checks JSON lines with a prompt; peeks at the kind
-    if "completions" in first:
-        rankings = read_jsonl(path, "rankings", tokenizer, max_prompt_tokens)
-        ks = sorted({len(r["completions"]) for r in rankings})
-        if len(ks) > 1:
-            raise DataError(f"{path}: rankings of different lengths K={ks}; use one K per file")
-        if loss == "ranking":
-            return rankings
-        return [pair for r in rankings for pair in pairs_of_ranking(r["prompt"], r["completions"])]
-    if "chosen" in first:
-        if loss == "ranking":
-            raise DataError(f"{path} holds pairs, but loss=ranking needs rankings "
-                            f"{{'prompt', 'completions'}}: pass {path.with_name('rankings.jsonl')} "
-                            "(written by `collect` beside pairs.jsonl), or use --set loss=pairwise")
-        return read_jsonl(path, "pairs", tokenizer, max_prompt_tokens)
-    raise DataError(f"{path} holds neither pairs {{'prompt', 'chosen', 'rejected'}} nor rankings "
-                    "{'prompt', 'completions'}: pass the pairs.jsonl or rankings.jsonl that `collect` wrote")
+def training_records(prefs, loss):
+    """What `loss` trains on: the rankings, or every ranking's C(K,2) pairs. A pairs file cannot
+    give rankings back: loss=ranking on one is refused with the file to pass instead."""
+    if loss == "pairwise":
+        return prefs.pairs()
+    if prefs.kind == "pairs":
+        raise DataError(f"{prefs.path} holds pairs, but loss=ranking needs rankings "
+                        f"{{'prompt', 'completions'}}: pass {prefs.path.with_name('rankings.jsonl')} "
+                        "(written by `collect` beside pairs.jsonl), or use --set loss=pairwise")
+    return prefs.rankings
 
 
 def completions_of(record):
@@ -204,13 +177,13 @@ def calibration(margins, n_bins=10):
 
 def plot_rm(rows, bins, ceiling, out_dir):
     """accuracy.png (train and held-out accuracy vs step) and calibration.png."""
-    fig, ax = common.figure(figsize=(5, 3.5))
+    fig, ax = figure(figsize=(5, 3.5))
     for key, label in (("accuracy", "train (batches since last log)"), ("eval/accuracy", "held-out")):
         ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], marker=".", label=label)
     ax.axhline(ceiling, color="gray", ls="--", label="bayes accuracy (ceiling)")
     ax.set(xlabel="step", ylabel="pairwise accuracy", title="Reward model accuracy")
     _save(fig, ax, out_dir / "accuracy.png")
-    fig, ax = common.figure(figsize=(4, 4))
+    fig, ax = figure(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], color="gray", ls="--", label="perfect calibration")
     largest = max(n for _, _, n in bins)
     ax.scatter([b[0] for b in bins], [b[1] for b in bins], s=[10 + 200 * n / largest for _, _, n in bins])
@@ -237,10 +210,10 @@ def normalise_rewards(model, policy, tokenizer, prompts, config, device):
     model.reward_bias.fill_(0.0)
     completions = sample_completions(policy, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
                                      max_prompt_tokens=config.max_prompt_tokens,
-                                     generator=common.step_generator(config.seed, -1))
+                                     generator=step_generator(config.seed, -1))
     raw = score_texts(model.eval(), tokenizer, prompts, completions, config, device)  # (N,)
     mean, std = raw.mean().item(), raw.std(correction=0).item()
-    common.require(std > 0, "every SFT sample got the same reward: cannot normalise (is the RM trained?)")
+    require(std > 0, "every SFT sample got the same reward: cannot normalise (is the RM trained?)")
     model.reward_gain.fill_(1.0 / std)
     model.reward_bias.fill_(-mean / std)
     return [{"prompt": p, "completion": c, "raw": r} for p, c, r in zip(prompts, completions, raw.tolist())]
@@ -249,58 +222,9 @@ def normalise_rewards(model, policy, tokenizer, prompts, config, device):
 # ---------------------------------------------------------------------------
 # Training
 
-def train_reward_model(config, sft_dir, prefs_path, out_dir, device="cpu", resume=False, overwrite=False,
-                       progress=True):
-    """Train a reward model from the SFT model on `prefs_path`; write the run folder and return the summary."""
-    config.validate()
-    started = time.perf_counter()
-    tokenizer = load_tokenizer()
-    train = load_preferences(prefs_path, config.loss, tokenizer, config.max_prompt_tokens)
-    test_path = Path(config.test_prefs) if config.test_prefs else held_out_path(prefs_path)
-    common.require(test_path.exists(), f"no held-out preferences at {test_path}: pass --set test_prefs=PATH")
-    test = load_preferences(test_path, "pairwise", tokenizer, config.max_prompt_tokens)  # evaluation: pairs
-    common.seed_everything(config.seed)                                     # the head's init (and load_gpt's)
-    policy = load_gpt(sft_dir, device, tokenizer)
-    common.check_generation_fits(config, policy.config.block_size)          # the normalisation samples
-    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
-    gold_fn = get_task(config.task).gold_reward
-    test_texts = list(dict.fromkeys((r["prompt"], c) for r in test for c in completions_of(r)))
-    golds = dict(zip(test_texts, gold_fn([p + c for p, c in test_texts])))
-
-    model = ScalarHeadModel.from_gpt(policy).to(device).train()
-    optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
-    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "model": dataclasses.asdict(model.config),
-                                                "sft": str(sft_dir), "prefs": str(prefs_path),
-                                                "test_prefs_used": str(test_path), "stage": "rm"})
-    modules = {"model": model, "optimizer": optimizer}
-    start_step, rows, _ = common.resume_training(out_dir, modules) if resume else (0, [], None)
-    log = common.MetricsLog(out_dir / "metrics.jsonl", rows)
-
-    window = []                                                             # train metrics since the last log
-    bar = tqdm(range(start_step, config.steps), desc=f"rm ({config.loss})", disable=not progress,
-               initial=start_step, total=config.steps)
-    with common.GracefulStop() as stop:
-        for step in bar:
-            lr = common.cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr_ratio)
-            common.set_lr(optimizer, lr)
-            ids = torch.randint(len(train), (config.batch_size,), generator=common.step_generator(config.seed, step))
-            rewards = score_records(model, [train[i] for i in ids.tolist()], tokenizer, config, device)  # (B, K)
-            loss, metrics = preference_loss(rewards, config.loss)
-            common.check_finite(loss, step, out_dir)
-            common.optimizer_step(optimizer, loss, model, config.grad_clip)
-            window.append(metrics)
-            bar.set_postfix(loss=f"{metrics['loss/rm']:.3f}", acc=f"{metrics['accuracy']:.2f}")
-            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                held_out, _ = evaluate_pairs(model, tokenizer, test, golds, config, device)
-                log.log({"step": step + 1, "lr": lr, **{k: statistics.mean(m[k] for m in window) for k in window[0]},
-                         **held_out})
-                window = []
-                common.save_checkpoint(out_dir, step + 1, modules)
-            if stop.requested:
-                common.save_checkpoint(out_dir, step + 1, modules)
-                raise common.Interrupted(step + 1, out_dir)
-
-    # Final evaluation on the raw rewards (the scale Bradley-Terry fitted), then normalisation.
+def final_evaluation(model, policy, tokenizer, train, test, golds, config, device, out_dir):
+    """Held-out metrics on the raw rewards (the scale Bradley-Terry fitted), then normalisation
+    on SFT samples of the training prompts (written to norm_samples.jsonl)."""
     summary, margins = evaluate_pairs(model, tokenizer, test, golds, config, device)
     bins, summary["eval/calibration_error"] = calibration(margins)
     summary["eval/bayes_accuracy"] = bayes_accuracy(test, golds)
@@ -308,17 +232,52 @@ def train_reward_model(config, sft_dir, prefs_path, out_dir, device="cpu", resum
     summary["train/comparisons"] = sum(math.comb(len(completions_of(r)), 2) for r in train)
     picked = random.Random(config.seed).sample(range(len(train)), min(config.n_norm_prompts, len(train)))
     prompts = [train[i]["prompt"] for i in picked]                          # repeats follow the prompt distribution
-    samples = normalise_rewards(model, policy, tokenizer, prompts, config, device)
-    write_jsonl(out_dir / "norm_samples.jsonl", samples)
+    write_jsonl(out_dir / "norm_samples.jsonl", normalise_rewards(model, policy, tokenizer, prompts, config, device))
     summary["rm/gain"], summary["rm/bias"] = model.reward_gain.item(), model.reward_bias.item()
-    shown = test_texts[:5]
+    shown = list(golds)[:5]
     normalised = score_texts(model, tokenizer, [p for p, _ in shown], [c for _, c in shown], config, device)
     summary["eval/samples"] = [{"text": p + c, "gold": round(golds[p, c], 4), "reward": round(r, 3)}
                                for (p, c), r in zip(shown, normalised.tolist())]
     summary["model/params"] = model.trunk.num_params()
-    summary["train/seconds"] = time.perf_counter() - started
-    save_model(model, out_dir)
-    plot_rm(log.rows, bins, summary["eval/bayes_accuracy"], out_dir)
-    common.write_json(out_dir / "summary.json", summary)
-    common.remove_checkpoint(out_dir)
-    return summary
+    return summary, bins
+
+
+def train_reward_model(config, sft_dir, prefs_path, out_dir, device="cpu", resume=False, overwrite=False,
+                       progress=True):
+    """Train a reward model from the SFT model on `prefs_path`; write the run folder and return the summary."""
+    config.validate()
+    started = time.perf_counter()
+    tokenizer = load_tokenizer()
+    train = training_records(read_preferences(prefs_path, tokenizer, config.max_prompt_tokens), config.loss)
+    test_path = Path(config.test_prefs) if config.test_prefs else held_out_path(prefs_path)
+    require(test_path.exists(), f"no held-out preferences at {test_path}: pass --set test_prefs=PATH")
+    test = read_preferences(test_path, tokenizer, config.max_prompt_tokens).pairs()   # evaluation: pairs
+    seed_everything(config.seed)                                            # the head's init (and load_gpt's)
+    policy = load_gpt(sft_dir, device, tokenizer)
+    check_generation_fits(config, policy.config.block_size)                 # the normalisation samples
+    test_texts = list(dict.fromkeys((r["prompt"], c) for r in test for c in completions_of(r)))
+    golds = dict(zip(test_texts, get_task(config.task).gold_reward([p + c for p, c in test_texts])))
+    model = ScalarHeadModel.from_gpt(policy).to(device).train()
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    with Run(out_dir, "rm", config, resume=resume, overwrite=overwrite, progress=progress,
+             sft=sft_dir, prefs=prefs_path, test_prefs_used=test_path) as run:
+        run.start({"model": model, "optimizer": optimizer}, model.config)
+        for step in run.steps(config.steps, desc=f"rm ({config.loss})"):
+            lr = cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr_ratio)
+            set_lr(optimizer, lr)
+            ids = torch.randint(len(train), (config.batch_size,), generator=step_generator(config.seed, step))
+            rewards = score_records(model, [train[i] for i in ids.tolist()], tokenizer, config, device)  # (B, K)
+            loss, metrics = preference_loss(rewards, config.loss)
+            run.check_finite(loss)
+            optimizer_step(optimizer, loss, model, config.grad_clip)
+            run.average(metrics)
+            run.show(loss=f"{metrics['loss/rm']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+                held_out, _ = evaluate_pairs(model, tokenizer, test, golds, config, device)
+                run.log({"step": step + 1, "lr": lr, **held_out})
+                run.checkpoint(step + 1)
+
+        summary, bins = final_evaluation(model, policy, tokenizer, train, test, golds, config, device, run.out_dir)
+        summary["train/seconds"] = time.perf_counter() - started
+        plot_rm(run.rows, bins, summary["eval/bayes_accuracy"], run.out_dir)
+        return run.finish(summary, model)

@@ -24,18 +24,18 @@ train at about 37 % of the machine's matmul throughput, 2 blocks of width 256 at
 Deliberate simplifications: no gradient accumulation; float32 throughout.
 """
 import dataclasses
-import statistics
 import time
 
 import torch
-from tqdm.auto import tqdm
 
-from minirlhf import common, data
-from minirlhf.checkpoints import save_model
-from minirlhf.data import completion_batch, default_path, encode_example, read_jsonl, shift_for_loss
+from minirlhf import data
+from minirlhf.config import NON_NEGATIVE, POSITIVE, between, checked, require, validate
+from minirlhf.data import completion_batch, default_path, encode_example, read_jsonl, read_prompts, shift_for_loss
 from minirlhf.evaluate import evaluate_policy
 from minirlhf.losses import sft_loss
 from minirlhf.model import GPT, GPTConfig
+from minirlhf.optim import cosine_lr, make_optimizer, optimizer_step, seed_everything, set_lr, step_generator
+from minirlhf.runs import Run
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import load_tokenizer
 
@@ -47,44 +47,32 @@ class SFTConfig:
     val_data: str = str(default_path("sft_val"))    # held-out demonstrations for eval/loss
     test_prompts: str = str(default_path("prompts_test"))  # prompts for sampling (eval/gold_reward)
     task: str = "reviews"          # whose gold judge scores the samples
-    n_layer: int = 2               # transformer blocks
-    n_head: int = 8                # attention heads per block
-    n_embd: int = 256              # width of the residual stream
-    block_size: int = 64           # context length: prompt + completion + EOS must fit
-    dropout: float = 0.0           # dropout probability (0: RLHF stages need it off anyway)
-    steps: int = 350               # optimiser steps
-    batch_size: int = 128          # demonstrations per step
+    n_layer: int = checked(2, POSITIVE)        # transformer blocks
+    n_head: int = checked(8, POSITIVE)         # attention heads per block
+    n_embd: int = checked(256, POSITIVE)       # width of the residual stream
+    block_size: int = checked(64, POSITIVE)    # context length: prompt + completion + EOS must fit
+    dropout: float = checked(0.0, between(0, 1, high_open=True))  # dropout probability (0: RLHF stages need it off)
+    steps: int = checked(350, POSITIVE)        # optimiser steps
+    batch_size: int = checked(128, POSITIVE)   # demonstrations per step
     bucket_by_length: bool = True  # batches of similar-length demonstrations (little padding); false: uniform random
-    lr: float = 2e-3               # peak learning rate (AdamW)
-    warmup_steps: int = 25         # linear warm-up steps before the cosine decay
-    min_lr_ratio: float = 0.1      # the cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.1      # AdamW weight decay on matrices
-    grad_clip: float = 1.0         # clip the global gradient norm to this
-    eval_every: int = 100          # steps between validation-loss evaluations (and checkpoints)
-    max_prompt_tokens: int = 16    # longer prompts are refused
-    max_new_tokens: int = 48       # length limit when sampling completions
-    n_eval_samples: int = 256      # test prompts sampled for eval/gold_reward
+    lr: float = checked(2e-3, POSITIVE)        # peak learning rate (AdamW)
+    warmup_steps: int = checked(25, NON_NEGATIVE)   # linear warm-up steps before the cosine decay
+    min_lr_ratio: float = checked(0.1, between(0, 1))  # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = checked(0.1, NON_NEGATIVE)   # AdamW weight decay on matrices
+    grad_clip: float = checked(1.0, POSITIVE)  # clip the global gradient norm to this
+    eval_every: int = checked(100, POSITIVE)   # steps between validation-loss evaluations (and checkpoints)
+    max_prompt_tokens: int = checked(16, POSITIVE)  # longer prompts are refused
+    max_new_tokens: int = checked(48, POSITIVE)     # length limit when sampling completions
+    n_eval_samples: int = checked(256, POSITIVE)    # test prompts sampled for eval/gold_reward
     seed: int = 0                  # seeds data order, initialisation and sampling
 
-    def validate(self):
-        common.require(self.steps > 0, "steps must be positive")
-        common.require(self.batch_size > 0, "batch_size must be positive")
-        common.require(self.lr > 0, "lr must be positive")
-        common.require(min(self.n_layer, self.n_head, self.n_embd, self.block_size) > 0,
-                       "n_layer, n_head, n_embd and block_size must be positive")
-        common.require(self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head")
-        common.require(0 <= self.dropout < 1, "dropout must be in [0, 1)")
-        common.require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
-        common.require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
-        common.require(self.weight_decay >= 0, "weight_decay must be >= 0")
-        common.require(self.grad_clip > 0, "grad_clip must be positive")
-        common.require(self.eval_every > 0, "eval_every must be positive")
-        common.require(self.max_prompt_tokens > 0 and self.max_new_tokens > 0,
-                       "max_prompt_tokens and max_new_tokens must be positive")
-        common.require(self.max_prompt_tokens + self.max_new_tokens <= self.block_size,
-                       f"max_prompt_tokens + max_new_tokens ({self.max_prompt_tokens} + {self.max_new_tokens}) "
-                       f"must fit in block_size ({self.block_size})")
-        common.require(self.n_eval_samples > 0, "n_eval_samples must be positive")
+    validate = validate
+
+    def check_together(self):
+        require(self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head")
+        require(self.max_prompt_tokens + self.max_new_tokens <= self.block_size,
+                f"max_prompt_tokens + max_new_tokens ({self.max_prompt_tokens} + {self.max_new_tokens}) "
+                f"must fit in block_size ({self.block_size})")
 
 
 FAST = dict(steps=150, n_layer=2, n_head=4, n_embd=64, batch_size=64, eval_every=50, n_eval_samples=64,
@@ -112,10 +100,10 @@ class BatchSchedule:
         """The indices (into `lengths`) of the examples of step `step`."""
         if not self.bucket:
             return torch.randint(len(self.lengths), (self.batch_size,),
-                                 generator=common.step_generator(self.seed, step)).tolist()
+                                 generator=step_generator(self.seed, step)).tolist()
         while step >= len(self.batches):
             # epoch e shuffles with the stream of "step" -2 - e, which no training step uses
-            generator = common.step_generator(self.seed, -2 - self.epochs_built)
+            generator = step_generator(self.seed, -2 - self.epochs_built)
             self.batches += data.length_bucketed_batches(self.lengths, self.batch_size, generator)
             self.epochs_built += 1
         return self.batches[step]
@@ -136,6 +124,20 @@ def validation_loss(model, examples, pad_id, device, batch_size=256):
     return total / count
 
 
+def final_evaluation(model, tokenizer, val, test_prompts, config, device, tokens_per_s):
+    """Validation NLL, the gold reward of samples at temperature 1, and the training throughput."""
+    model.eval()
+    summary = {"eval/loss": validation_loss(model, val, tokenizer.eot_token, device)}
+    summary.update(evaluate_policy(model, tokenizer, test_prompts, get_task(config.task).gold_reward,
+                                   max_new_tokens=config.max_new_tokens,
+                                   max_prompt_tokens=config.max_prompt_tokens,
+                                   generator=step_generator(config.seed, -1)))
+    summary["model/params"] = model.num_params()
+    summary["train/tokens_per_s"] = tokens_per_s
+    summary["train/flops_per_s"] = 6 * model.num_params() * tokens_per_s   # 6·N per token (Kaplan et al. 2020)
+    return summary
+
+
 # ---------------------------------------------------------------------------
 # Training
 
@@ -143,62 +145,37 @@ def train_sft(config, out_dir, device="cpu", resume=False, overwrite=False, prog
     """Train a GPT on demonstrations; write the run folder and return the summary dict."""
     config.validate()
     tokenizer = load_tokenizer()
+    pad = tokenizer.eot_token
     train = load_examples(config.data, tokenizer, config)
     val = load_examples(config.val_data, tokenizer, config)
-    test_prompts = [r["prompt"] for r in read_jsonl(config.test_prompts, "prompts", tokenizer,
-                                                    config.max_prompt_tokens)][:config.n_eval_samples]
-    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
-
-    common.seed_everything(config.seed)
-    model_config = GPTConfig(vocab_size=tokenizer.n_vocab, block_size=config.block_size, n_layer=config.n_layer,
-                             n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
-    model = GPT(model_config).to(device)
-    optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
-    modules = {"model": model, "optimizer": optimizer}
-    start_step, rows, _ = common.resume_training(out_dir, modules) if resume else (0, [], None)
-    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "model": dataclasses.asdict(model_config),
-                                                "stage": "sft"})
-    log = common.MetricsLog(out_dir / "metrics.jsonl", rows)
-
-    pad = tokenizer.eot_token
-    tokens_seen, train_time = 0, 0.0
-    schedule = BatchSchedule([len(ids) for ids, _ in train], config.batch_size, config.seed, config.bucket_by_length)
-    bar = tqdm(range(start_step, config.steps), desc="sft", disable=not progress, initial=start_step,
-               total=config.steps)
-    with common.GracefulStop() as stop:
-        for step in bar:
+    test_prompts = read_prompts(config.test_prompts, tokenizer, config.max_prompt_tokens)[:config.n_eval_samples]
+    with Run(out_dir, "sft", config, resume=resume, overwrite=overwrite, progress=progress) as run:
+        seed_everything(config.seed)
+        model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=config.block_size, n_layer=config.n_layer,
+                              n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)).to(device)
+        optimizer = make_optimizer(model, config.lr, config.weight_decay)
+        run.start({"model": model, "optimizer": optimizer}, model.config)
+        schedule = BatchSchedule([len(ids) for ids, _ in train], config.batch_size, config.seed,
+                                 config.bucket_by_length)
+        tokens_seen, train_time = 0, 0.0
+        for step in run.steps(config.steps):
             t0 = time.perf_counter()
-            lr = common.cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr_ratio)
-            common.set_lr(optimizer, lr)
+            lr = cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr_ratio)
+            set_lr(optimizer, lr)
             batch = completion_batch([train[i] for i in schedule(step)], pad)
             inputs, input_mask, targets, loss_mask = (t.to(device) for t in shift_for_loss(*batch))
             loss, metrics = sft_loss(model(inputs, input_mask), targets, loss_mask)
-            common.check_finite(loss, step + 1, out_dir)    # steps are counted from 1, as in metrics.jsonl
-            common.optimizer_step(optimizer, loss, model, config.grad_clip)
+            run.check_finite(loss)
+            optimizer_step(optimizer, loss, model, config.grad_clip)
             train_time += time.perf_counter() - t0
             tokens_seen += int(input_mask.sum())
-            bar.set_postfix(loss=f"{metrics['loss/sft']:.3f}", lr=f"{lr:.1e}")
+            run.show(loss=f"{metrics['loss/sft']:.3f}", lr=f"{lr:.1e}")
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                val_loss = validation_loss(model, val, pad, device)
-                log.log({"step": step + 1, "loss/sft": metrics["loss/sft"], "eval/loss": val_loss, "lr": lr})
-                common.save_checkpoint(out_dir, step + 1, modules)
-            if stop.requested:
-                common.save_checkpoint(out_dir, step + 1, modules)
-                raise common.Interrupted(step + 1, out_dir)
+                run.log({"step": step + 1, "loss/sft": metrics["loss/sft"],
+                         "eval/loss": validation_loss(model, val, pad, device), "lr": lr})
+                run.checkpoint(step + 1)
 
-    # Final evaluation: validation NLL and the gold reward of samples at temperature 1.
-    model.eval()
-    summary = {"eval/loss": validation_loss(model, val, pad, device)}
-    summary.update(evaluate_policy(model, tokenizer, test_prompts, get_task(config.task).gold_reward,
-                                   max_new_tokens=config.max_new_tokens,
-                                   max_prompt_tokens=config.max_prompt_tokens,
-                                   generator=common.step_generator(config.seed, -1)))
-    n_params = model.num_params()
-    summary["model/params"] = n_params
-    summary["train/tokens_per_s"] = tokens_seen / train_time if train_time > 0 else float("nan")
-    summary["train/flops_per_s"] = 6 * n_params * summary["train/tokens_per_s"]   # 6·N per token (Kaplan et al. 2020)
-    save_model(model, out_dir)
-    common.plot_metrics(log.rows, ["loss/sft", "eval/loss"], out_dir / "loss.png", "SFT: training and validation loss")
-    common.write_json(out_dir / "summary.json", summary)
-    common.remove_checkpoint(out_dir)
-    return summary
+        tokens_per_s = tokens_seen / train_time if train_time > 0 else float("nan")
+        summary = final_evaluation(model, tokenizer, val, test_prompts, config, device, tokens_per_s)
+        run.plot(["loss/sft", "eval/loss"], "loss.png", "SFT: training and validation loss")
+        return run.finish(summary, model)

@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore", category=TqdmWarning)  # no ipywidgets: tqdm f
 
 from minirlhf import collect as collect_stage, reward as reward_stage  # noqa: E402
 from minirlhf.collect import CollectConfig, collect  # noqa: E402
-from minirlhf.common import apply_overrides  # noqa: E402
+from minirlhf.config import build  # noqa: E402
 from minirlhf.reward import RewardConfig, preferences_file, train_reward_model  # noqa: E402
 from minirlhf.sft import SFTConfig, train_sft  # noqa: E402
 
@@ -50,7 +50,7 @@ TINY_SFT = dict(steps=250, n_layer=2, n_embd=48, n_head=2, eval_every=50, n_eval
 
 def stage_config(config, fast_overrides, **overrides):
     """`config` with the stage's fast overrides under MINIRLHF_FAST=1, then `overrides`."""
-    return apply_overrides(config, {**(fast_overrides if FAST else {}), **overrides})
+    return build(config, fast=fast_overrides if FAST else None, overrides=[overrides])
 
 
 def sft_config():

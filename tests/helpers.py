@@ -8,7 +8,7 @@ import functools
 import tempfile
 from pathlib import Path
 
-from minirlhf.common import apply_overrides
+from minirlhf.config import apply_overrides
 
 TINY_SFT = dict(steps=250, n_layer=2, n_embd=48, n_head=2, eval_every=50, n_eval_samples=16, warmup_steps=10,
                 lr=5e-3, batch_size=32)

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from helpers import tiny_sft_dir
-from minirlhf.collect import CollectConfig, collect, label_agreement, pairs_of_ranking, plackett_luce_ranking
-from minirlhf.common import apply_overrides
+from minirlhf.collect import CollectConfig, collect, label_agreement, plackett_luce_ranking
+from minirlhf.config import apply_overrides
 from minirlhf.data import read_jsonl
+from minirlhf.preferences import pairs_of_ranking
 from minirlhf.tasks import get_task
 
 

@@ -16,18 +16,21 @@ import math
 import pytest
 import torch
 
-from minirlhf import common
+from minirlhf import runs as harness
 from minirlhf.__main__ import main
-from minirlhf.baselines import (PREFERRED_FT, BestOfNConfig, best_of_n_kl_bound, preferred_ft_batch_loss,
-                                run_best_of_n)
+from minirlhf.baselines import (BestOfNConfig, PreferredFTConfig, best_of_n_kl_bound, preferred_ft_batch_loss,
+                                run_best_of_n, train_preferred_ft)
 from minirlhf.checkpoints import load_gpt, save_model
 from minirlhf.collect import CollectConfig, collect
-from minirlhf.common import apply_overrides
+from minirlhf.config import apply_overrides
 from minirlhf.data import completion_batch, default_path, read_jsonl, shift_for_loss
-from minirlhf.dpo import PLAIN_DPO, DPOConfig, dpo_batch_loss, load_preferences, train_dpo
+from minirlhf.dpo import PLAIN_DPO, DPOConfig, dpo_batch_loss, train_dpo
 from minirlhf.evaluate import evaluate_policy
+from minirlhf.files import write_json
 from minirlhf.losses import sft_loss
 from minirlhf.model import ScalarHeadModel
+from minirlhf.optim import step_generator
+from minirlhf.preferences import load_pair_sequences
 from minirlhf.sampling import sequence_logprobs
 from minirlhf.sft import SFTConfig, train_sft
 from minirlhf.tasks import get_task
@@ -44,15 +47,15 @@ N_GOLD = 256                                               # test prompts for co
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """(sft_dir, pairs.jsonl, the SFT model's gold reward on N_GOLD test prompts)."""
+    """(sft_dir, rankings.jsonl, the SFT model's gold reward on N_GOLD test prompts)."""
     root = tmp_path_factory.mktemp("dpo")
     train_sft(apply_overrides(SFTConfig(), SFT_SMALL), root / "sft", progress=False)
     collect(apply_overrides(CollectConfig(), COLLECT_SMALL), root / "sft", root / "prefs", progress=False)
     tokenizer = load_tokenizer()
     prompts = [r["prompt"] for r in read_jsonl(default_path("prompts_test"), "prompts")][:N_GOLD]
     sft_eval = evaluate_policy(load_gpt(root / "sft", tokenizer=tokenizer), tokenizer, prompts,
-                               get_task().gold_reward, generator=common.step_generator(0, -1))
-    return root / "sft", root / "prefs" / "pairs.jsonl", sft_eval
+                               get_task().gold_reward, generator=step_generator(0, -1))
+    return root / "sft", root / "prefs" / "rankings.jsonl", sft_eval
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,7 @@ def test_training_batch_at_initialisation(pipeline, loss_type, expected):
     tokenizer = load_tokenizer()
     config = apply_overrides(DPOConfig(), {"beta": 0.5, "loss_type": loss_type, "nll_coef": 0.0})   # the loss alone
     reference, policy = load_gpt(sft_dir, tokenizer=tokenizer), load_gpt(sft_dir, tokenizer=tokenizer)
-    prefs = load_preferences(pairs, tokenizer, reference, config, "cpu")
+    prefs = load_pair_sequences(pairs, tokenizer, reference, config, "cpu")
     loss, metrics = dpo_batch_loss(policy, prefs, torch.arange(0, 64, 3), config, tokenizer.eot_token, "cpu")
     assert loss.item() == pytest.approx(expected, abs=1e-4)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
@@ -87,7 +90,7 @@ def test_nll_term_adds_the_per_token_nll_of_each_pairs_chosen_response(pipeline)
     sft_dir, pairs, _ = pipeline
     tokenizer = load_tokenizer()
     reference = load_gpt(sft_dir, tokenizer=tokenizer)
-    prefs = load_preferences(pairs, tokenizer, reference, DPOConfig(), "cpu")
+    prefs = load_pair_sequences(pairs, tokenizer, reference, DPOConfig(), "cpu")
     ids = torch.arange(0, 30, 2)
     plain, _ = dpo_batch_loss(reference, prefs, ids, apply_overrides(DPOConfig(), {"nll_coef": 0.0}),
                               tokenizer.eot_token, "cpu")
@@ -117,12 +120,12 @@ def test_deduplicated_reference_logps_equal_per_pair_ones(pipeline):
     sft_dir, pairs, _ = pipeline
     tokenizer = load_tokenizer()
     reference = load_gpt(sft_dir, tokenizer=tokenizer)
-    prefs = load_preferences(pairs, tokenizer, reference, DPOConfig(), "cpu")
-    records = read_jsonl(pairs, "pairs")
+    prefs = load_pair_sequences(pairs, tokenizer, reference, DPOConfig(), "cpu")
+    records = read_jsonl(pairs.with_name("pairs.jsonl"), "pairs")       # collect's pairs of the same rankings
     assert len(prefs.pairs) == len(records) and len(prefs.sequences) < 2 * len(records)
     # the groups partition the pairs; a ranking of K = 4 gives a group of 6 pairs over 4 sequences
     assert sorted(torch.cat(prefs.groups).tolist()) == list(range(len(records)))
-    assert collections.Counter(len(g) for g in prefs.groups).most_common(1)[0][0] == 6
+    assert collections.Counter(len(g) for g in prefs.groups) == {6: len(read_jsonl(pairs, "rankings"))}
     assert all(len(torch.unique(prefs.pairs[g])) <= 4 for g in prefs.groups if len(g) == 6)   # ties: fewer
     for n in (0, 7, len(records) - 1):
         for column in (0, 1):
@@ -141,7 +144,7 @@ def test_best_of_one_is_sft_sampling(pipeline, tmp_path):
     rm_dir.mkdir()
     sft = load_gpt(sft_dir)
     save_model(ScalarHeadModel.from_gpt(sft), rm_dir)
-    common.write_json(rm_dir / "config.json", {"model": json.loads((sft_dir / "config.json").read_text())["model"]})
+    write_json(rm_dir / "config.json", {"model": json.loads((sft_dir / "config.json").read_text())["model"]})
     config = apply_overrides(BestOfNConfig(), {"n": 1, "n_eval_samples": N_GOLD})
     summary = run_best_of_n(config, sft_dir, rm_dir, tmp_path / "bon", progress=False)
     for key in ("eval/gold_reward", "eval/length", "eval/eos_rate"):
@@ -155,7 +158,7 @@ def test_interrupted_run_resumes_to_the_same_weights(pipeline, tmp_path, monkeyp
     config = apply_overrides(DPOConfig(), QUICK)
     train_dpo(config, sft_dir, pairs, tmp_path / "straight", progress=False)
 
-    class StopAfterThreeSteps(common.GracefulStop):
+    class StopAfterThreeSteps(harness.GracefulStop):
         checks = 0
 
         @property
@@ -167,8 +170,8 @@ def test_interrupted_run_resumes_to_the_same_weights(pipeline, tmp_path, monkeyp
         def requested(self, value):
             pass
 
-    monkeypatch.setattr(common, "GracefulStop", StopAfterThreeSteps)
-    with pytest.raises(common.Interrupted):
+    monkeypatch.setattr(harness, "GracefulStop", StopAfterThreeSteps)
+    with pytest.raises(harness.Interrupted):
         train_dpo(config, sft_dir, pairs, tmp_path / "resumed", progress=False)
     monkeypatch.undo()
     train_dpo(config, sft_dir, pairs, tmp_path / "resumed", resume=True, progress=False)
@@ -221,8 +224,8 @@ def test_preferred_ft_loss_is_sft_on_the_chosen_row_of_every_pair(pipeline):
     sft_dir, pairs, _ = pipeline
     tokenizer = load_tokenizer()
     model = load_gpt(sft_dir, tokenizer=tokenizer)
-    config = apply_overrides(DPOConfig(), PREFERRED_FT)
-    prefs = load_preferences(pairs, tokenizer, model, config, "cpu", with_reference=False)
+    config = PreferredFTConfig()
+    prefs = load_pair_sequences(pairs, tokenizer, model, config, "cpu", with_reference=False)
     ids = torch.arange(0, 24)                          # 4 rankings of K=4: a completion wins 0 to 3 pairs
     loss, metrics = preferred_ft_batch_loss(model, prefs, ids, config, tokenizer.eot_token, "cpu")
     chosen = [prefs.sequences[int(i)] for i in prefs.pairs[ids, 0]]
@@ -234,12 +237,12 @@ def test_preferred_ft_loss_is_sft_on_the_chosen_row_of_every_pair(pipeline):
 
 def test_preferred_ft_raises_the_chosen_logprobs(pipeline, tmp_path):
     sft_dir, pairs, _ = pipeline
-    config = apply_overrides(DPOConfig(), {**QUICK, **PREFERRED_FT, "log_every": 10})   # the pft command's 40 steps
-    summary = train_dpo(config, sft_dir, pairs, tmp_path, progress=False, stage="pft")
+    config = apply_overrides(PreferredFTConfig(), {"n_eval_samples": 16, "log_every": 10})   # the pft command's 40 steps
+    summary = train_preferred_ft(config, sft_dir, pairs, tmp_path, progress=False)
     # judged on one fixed set of training pairs (the logged values are means over random batches)
     tokenizer = load_tokenizer()
     sft_model = load_gpt(sft_dir, tokenizer=tokenizer)
-    prefs = load_preferences(pairs, tokenizer, sft_model, config, "cpu", with_reference=False)
+    prefs = load_pair_sequences(pairs, tokenizer, sft_model, config, "cpu", with_reference=False)
     ids = torch.arange(min(200, len(prefs.pairs)))
     trained = load_gpt(tmp_path, tokenizer=tokenizer)
     loss_before, before = preferred_ft_batch_loss(sft_model, prefs, ids, config, tokenizer.eot_token, "cpu")
@@ -247,7 +250,7 @@ def test_preferred_ft_raises_the_chosen_logprobs(pipeline, tmp_path):
     assert loss_after.item() < loss_before.item() - 0.005    # the chosen texts are SFT samples: a small gain
     assert after["logps/chosen"] > before["logps/chosen"]
     assert "eval/reward_accuracy" in summary and "eval/kl" in summary
-    assert json.loads((tmp_path / "config.json").read_text())["stage"] == "pft"
+    assert json.loads((tmp_path / "config.json").read_text())["stage"] == "preferred_ft"
 
 
 def test_cli(pipeline, tmp_path, capsys):

@@ -24,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minirlhf.model import (GPT, CausalSelfAttention, GPTConfig, ScalarHeadModel, at_positions, attention_reference,
-                            build_attention_mask, last_token_index, position_ids, sample_next_token)
+                            build_attention_mask, hidden_state_at, hidden_state_at_reference, last_token_index,
+                            position_ids)
+from minirlhf.sampling import sample_next_token
 
 V = 50
 EOS = 1
@@ -230,6 +232,8 @@ def test_score_reads_the_last_real_token_whatever_the_padding():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_one_position_of_the_hidden_states_equals_the_full_pass_values_and_gradients(bias):
+    """The speed-up `hidden_state_at` against its plain twin, with padding on either side and with
+    and without biases: the same values and the same parameter gradients."""
     torch.manual_seed(0)
     model = GPT(tiny_config(bias=bias))
     idx = torch.randint(0, model.config.vocab_size, (4, 7))
@@ -240,14 +244,13 @@ def test_one_position_of_the_hidden_states_equals_the_full_pass_values_and_gradi
     (probe * full).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    one = model.hidden_states(idx, mask, at=at)  # (4, 1, C)
+    one = hidden_state_at(model, idx, mask, at)  # (4, 1, C), the last block for one query per row
     (probe * one[:, 0]).sum().backward()
     assert one.shape == (4, 1, model.config.n_embd)
     torch.testing.assert_close(one[:, 0], full)
+    torch.testing.assert_close(hidden_state_at_reference(model, idx, mask, at)[:, 0], full)   # the plain twin
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
-    with pytest.raises(ValueError, match="no cache"):
-        model._trunk(idx[:, -1:], mask, past_kvs=model._trunk(idx[:, :-1], mask[:, :-1])[1], at=at)
 
 
 # ---------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from minirlhf import common
-from minirlhf.experiments import FAST, FrontierConfig, best_within, frontier_envelope, run_frontier
+from minirlhf.config import apply_overrides
+from minirlhf.experiments import FAST, FrontierConfig, run_frontier
+from minirlhf.frontier_report import best_within, frontier_envelope
 from minirlhf.pipeline import METHODS, run_pipeline
 
 
@@ -38,7 +39,7 @@ def test_run_writes_every_stage_and_a_report(fast_run):
 
 def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
     base, _ = fast_run
-    config = common.apply_overrides(FrontierConfig(), {**FAST, "dpo_betas": "0.1", "ppo_kl_coefs": "0.05",
+    config = apply_overrides(FrontierConfig(), {**FAST, "dpo_betas": "0.1", "ppo_kl_coefs": "0.05",
                                                        "bon_ns": "1,2", "temperatures": "1.0",
                                                        "overopt_iterations": 4, "ppo_gt_kl_coefs": "0.05"})
     summary = run_frontier(config, tmp_path / "frontier", base_dir=base, fast=True, progress=False)

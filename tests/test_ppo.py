@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from helpers import tiny_sft_dir
-from minirlhf import checkpoints, common
+from minirlhf import checkpoints
+from minirlhf.config import apply_overrides
 from minirlhf.losses import ppo_policy_loss
 from minirlhf.model import ScalarHeadModel
+from minirlhf.optim import step_generator
 from minirlhf.ppo import PPOConfig, make_reward_fn, policy_forward, rollout, train_ppo
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import load_tokenizer
@@ -21,7 +23,7 @@ TINY = dict(reward="gold", iterations=12, rollout_batch=32, minibatch_size=16, l
 
 
 def run(tmp_path, name, rm_dir=None, **overrides):
-    config = common.apply_overrides(PPOConfig(), {**TINY, **overrides})
+    config = apply_overrides(PPOConfig(), {**TINY, **overrides})
     return train_ppo(config, tiny_sft_dir(), rm_dir, tmp_path / name, progress=False)
 
 
@@ -30,7 +32,7 @@ def test_ratio_is_exactly_one_before_the_first_update():
     policy = checkpoints.load_gpt(tiny_sft_dir(), tokenizer=tokenizer)
     reference = checkpoints.load_gpt(tiny_sft_dir(), tokenizer=tokenizer)
     critic = ScalarHeadModel.from_gpt(policy).eval()
-    config = common.apply_overrides(PPOConfig(), {**TINY, "temperature": 0.7})
+    config = apply_overrides(PPOConfig(), {**TINY, "temperature": 0.7})
     reward_fn = make_reward_fn(config, None, get_task("reviews").gold_reward, "cpu")
     prompts = ["the movie was", "i loved", "the plot was not", "i would"]
     batch, stats, _ = rollout(policy, reference, critic, reward_fn, tokenizer, prompts, config,
@@ -51,7 +53,7 @@ def test_short_run_raises_gold_reward(tmp_path):
     sft = checkpoints.load_gpt(tiny_sft_dir(), tokenizer=tokenizer)
     prompts = [r["prompt"] for r in read_jsonl(default_path("prompts_test"), "prompts")][:128]
     before = evaluate_policy(sft, tokenizer, prompts, get_task("reviews").gold_reward, max_new_tokens=30,
-                             generator=common.step_generator(0, -1))
+                             generator=step_generator(0, -1))
     assert summary["eval/gold_reward"] > before["eval/gold_reward"] + 0.05
     assert summary["eval/kl"] > 0.0
     assert (tmp_path / "ppo" / "ppo.png").exists() and (tmp_path / "ppo" / "model.pt").exists()

@@ -37,13 +37,15 @@ import pytest
 import torch
 
 from helpers import tiny_sft_dir
-from minirlhf import common
+from minirlhf import runs as harness
 from minirlhf.__main__ import main
+from minirlhf.baselines import PreferredFTConfig, train_preferred_ft
 from minirlhf.checkpoints import load_gpt, save_model
 from minirlhf.collect import CollectConfig, collect
-from minirlhf.common import apply_overrides
+from minirlhf.config import apply_overrides
 from minirlhf.data import default_path, write_jsonl
 from minirlhf.dpo import DPOConfig, train_dpo
+from minirlhf.files import load_torch, read_json, save_torch, write_json
 from minirlhf.model import ScalarHeadModel
 from minirlhf.ppo import PPOConfig, train_ppo
 from minirlhf.reward import RewardConfig, train_reward_model
@@ -204,7 +206,7 @@ def test_an_unknown_setting_lists_the_valid_keys(stage, tmp_path, capsys):
     ("collect", "k=1", "k must be at least 2"), ("collect", "sample_temperature=0", "temperature"),
     ("rm", "lr=-1", "lr must be positive"), ("rm", "steps=0", "steps"), ("rm", "batch_size=0", "batch_size"),
     ("rm", "grad_clip=0", "grad_clip"),
-    ("ppo", "clip_eps=0", "clip_eps"), ("ppo", "lr=0", "learning rates"), ("ppo", "temperature=0", "temperature"),
+    ("ppo", "clip_eps=0", "clip_eps"), ("ppo", "lr=0", "lr must be positive"), ("ppo", "temperature=0", "temperature"),
     ("ppo", "rollout_batch=0", "batch"), ("ppo", "iterations=0", "iterations"), ("ppo", "eval_every=0", "eval_every"),
     ("ppo", "gamma=2", "gamma"),
     ("dpo", "beta=0", "beta must be positive"), ("dpo", "beta=-0.1", "beta"), ("dpo", "lr=0", "lr"),
@@ -290,8 +292,8 @@ def test_a_vocabulary_mismatch_is_a_clear_error(command, wrong_vocab, prefs, tmp
 
 def test_a_save_killed_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    common.save_torch({"step": 1, "w": torch.ones(3)}, path)
-    common.write_json(tmp_path / "summary.json", {"a": 1})
+    save_torch({"step": 1, "w": torch.ones(3)}, path)
+    write_json(tmp_path / "summary.json", {"a": 1})
     real_save = torch.save
 
     def dies_half_way(obj, f):
@@ -300,13 +302,13 @@ def test_a_save_killed_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        common.save_torch({"step": 2, "w": torch.zeros(3)}, path)
+        save_torch({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.setattr(Path, "write_text", lambda self, text: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        common.write_json(tmp_path / "summary.json", {"a": 2})
+        write_json(tmp_path / "summary.json", {"a": 2})
     monkeypatch.undo()
-    assert common.load_torch(path)["step"] == 1
-    assert common.read_json(tmp_path / "summary.json") == {"a": 1}
+    assert load_torch(path)["step"] == 1
+    assert read_json(tmp_path / "summary.json") == {"a": 1}
 
 
 def _writes(tree):
@@ -332,7 +334,7 @@ def _writes(tree):
 def test_every_write_goes_through_the_atomic_helpers():
     # The helpers themselves (write a temporary file, then rename); the metrics log appends one
     # line at a time and is rewritten atomically on resume; a student copy is complete or refused.
-    allowed = {("common.py", "save_torch"), ("common.py", "atomic_write_text"), ("common.py", "MetricsLog.log"),
+    allowed = {("files.py", "save_torch"), ("files.py", "atomic_write_text"), ("runs.py", "MetricsLog.log"),
                ("data.py", "write_jsonl"), ("tokenizer.py", "save_ranks"), ("exercises.py", "make_student")}
     offending = []
     for path in sorted((ROOT / "minirlhf").rglob("*.py")):
@@ -340,7 +342,7 @@ def test_every_write_goes_through_the_atomic_helpers():
         for function, line in _writes(ast.parse(path.read_text())):
             if (rel, function) not in allowed:
                 offending.append(f"minirlhf/{rel}:{line} in {function}")
-    assert not offending, "non-atomic writes (use common.write_json/atomic_write_text/save_torch or " \
+    assert not offending, "non-atomic writes (use write_json/atomic_write_text/save_torch or " \
                           "data.write_jsonl): " + "; ".join(offending)
 
 
@@ -413,7 +415,7 @@ def test_sft_killed_by_sigterm_or_ctrl_c_resumes_to_the_same_summary(files, tmp_
         assert proc.returncode == 130, f"{err}"
         assert "--resume" in one_line(err)
         assert (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
-        stopped_at = common.load_torch(out / "checkpoint.pt")["step"]
+        stopped_at = load_torch(out / "checkpoint.pt")["step"]
         assert 25 <= stopped_at < 250
         code, _, _ = cli(capsys, "sft", "--out", out, *flags, "--resume")
         assert code == 0
@@ -435,7 +437,7 @@ def stage_runs(prefs, files):
                                                      n_norm_prompts=8, max_new_tokens=24))
     dpo = dict(steps=12, log_every=4, batch_size=8, warmup_steps=2, n_eval_samples=8, max_new_tokens=24)
     dpo_config = apply_overrides(DPOConfig(), dpo)
-    pft_config = apply_overrides(DPOConfig(), {**dpo, "loss_type": "preferred_ft"})
+    pft_config = apply_overrides(PreferredFTConfig(), dpo)
     ppo_config = apply_overrides(PPOConfig(), dict(reward="gold", iterations=8, eval_every=4, rollout_batch=8,
                                                    minibatch_size=8, ppo_epochs=1, n_periodic_eval=8,
                                                    n_eval_samples=8, max_new_tokens=16))
@@ -443,28 +445,27 @@ def stage_runs(prefs, files):
         "sft": lambda out, **kw: train_sft(sft_config, out, progress=False, **kw),
         "rm": lambda out, **kw: train_reward_model(rm_config, sft, rankings_of(prefs), out, progress=False, **kw),
         "dpo": lambda out, **kw: train_dpo(dpo_config, sft, prefs, out, progress=False, **kw),
-        "preferred_ft": lambda out, **kw: train_dpo(pft_config, sft, prefs, out, progress=False,
-                                                    stage="preferred_ft", **kw),
+        "preferred_ft": lambda out, **kw: train_preferred_ft(pft_config, sft, rankings_of(prefs), out, progress=False, **kw),
         "ppo": lambda out, **kw: train_ppo(ppo_config, sft, None, out, progress=False, **kw),
     }
 
 
 def _at_step(monkeypatch, step, action):
     """Run `action(loss)` in place of the loss the first time training checks a loss at `step`."""
-    real, done = common.check_finite, []
+    real, done = harness.check_finite, []
 
     def check_finite(loss, at, out_dir=None):
         if at >= step and not done:
             done.append(at)
             loss = action(loss)
         return real(loss, at, out_dir)
-    monkeypatch.setattr(common, "check_finite", check_finite)
+    monkeypatch.setattr(harness, "check_finite", check_finite)
     return done
 
 
 def _send(sig):
     def action(loss):
-        os.kill(os.getpid(), sig)          # a real signal, caught by common.GracefulStop
+        os.kill(os.getpid(), sig)          # a real signal, caught by harness.GracefulStop
         return loss
     return action
 
@@ -476,11 +477,11 @@ def test_an_interrupted_stage_resumes_to_the_same_summary(stage, sig, stage_runs
     run = stage_runs[stage]
     whole = run(tmp_path / "whole")
     _at_step(monkeypatch, 6, _send(sig))
-    with pytest.raises(common.Interrupted, match="--resume"):
+    with pytest.raises(harness.Interrupted, match="--resume"):
         run(tmp_path / "cut")
     monkeypatch.undo()
     assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "summary.json").exists()
-    assert common.load_torch(tmp_path / "cut" / "checkpoint.pt")["step"] >= 6
+    assert load_torch(tmp_path / "cut" / "checkpoint.pt")["step"] >= 6
     resumed = run(tmp_path / "cut", resume=True)
     assert comparable(resumed) == comparable(whole)
     assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == json.loads(json.dumps(resumed))
@@ -492,10 +493,10 @@ def test_an_interrupted_stage_resumes_to_the_same_summary(stage, sig, stage_runs
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "preferred_ft", "ppo"])
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(stage, stage_runs, tmp_path, monkeypatch):
     named = _at_step(monkeypatch, 6, lambda loss: loss * float("nan"))
-    with pytest.raises(common.NonFiniteLossError) as error:
+    with pytest.raises(harness.NonFiniteLossError) as error:
         stage_runs[stage](tmp_path / "nan")
     assert f"at step {named[0]}" in str(error.value) and "checkpoint" in str(error.value)
-    state = common.load_torch(tmp_path / "nan" / "checkpoint.pt")
+    state = load_torch(tmp_path / "nan" / "checkpoint.pt")
     assert state["step"] == 4 and not (tmp_path / "nan" / "summary.json").exists()
     weights = state["policy" if stage == "ppo" else "model"]
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
@@ -510,12 +511,12 @@ def test_a_diverging_run_exits_1_naming_the_step(files, tmp_path, capsys):
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
     model = torch.nn.Linear(2, 2)
-    common.save_checkpoint(tmp_path, 4, {"model": model})
+    harness.save_checkpoint(tmp_path, 4, {"model": model})
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
-    with pytest.raises(common.NonFiniteLossError, match="after step 8.*checkpoint.pt, is kept"):
-        common.save_checkpoint(tmp_path, 8, {"model": model})
-    assert common.load_torch(tmp_path / "checkpoint.pt")["step"] == 4
+    with pytest.raises(harness.NonFiniteLossError, match="after step 8.*checkpoint.pt, is kept"):
+        harness.save_checkpoint(tmp_path, 8, {"model": model})
+    assert load_torch(tmp_path / "checkpoint.pt")["step"] == 4
 
 
 # ---------------------------------------------------------------------------
@@ -540,7 +541,7 @@ def test_torch_load_is_called_once_with_weights_only():
         else:
             source = path.read_text()
         calls += [(path.relative_to(ROOT).as_posix(), line, kw) for line, kw in _torch_load_calls(source)]
-    assert [(name, kw.get("weights_only")) for name, _, kw in calls] == [("minirlhf/common.py", "True")], f"{calls}"
+    assert [(name, kw.get("weights_only")) for name, _, kw in calls] == [("minirlhf/files.py", "True")], f"{calls}"
 
 
 class _Payload:
@@ -578,13 +579,13 @@ def test_a_damaged_checkpoint_is_a_one_line_error_on_resume(damage, files, tmp_p
     out.mkdir()
     payload_ran = tmp_path / "payload-ran"
     if damage == "truncated":
-        common.save_torch({"step": 3, "model": {"w": torch.ones(100)}}, out / "checkpoint.pt")
+        save_torch({"step": 3, "model": {"w": torch.ones(100)}}, out / "checkpoint.pt")
         data = (out / "checkpoint.pt").read_bytes()
         (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])
     elif damage == "malicious":
         torch.save({"step": 3, "model": _Payload(str(payload_ran))}, out / "checkpoint.pt")
     else:
-        common.save_torch({"step": 3, "policy": {}}, out / "checkpoint.pt")
+        save_torch({"step": 3, "policy": {}}, out / "checkpoint.pt")
     code, _, err = cli(capsys, "sft", "--resume", "--fast", "--quiet", "--out", out, "--data", files / "demos.jsonl",
                        "--set", *SFT_SET)
     assert code == 2 and "checkpoint.pt" in one_line(err)

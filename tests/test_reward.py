@@ -20,15 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from minirlhf import common
+from minirlhf import runs as harness
 from minirlhf.__main__ import main
 from minirlhf.checkpoints import load_scalar_model
 from minirlhf.collect import CollectConfig, collect
-from minirlhf.common import apply_overrides
+from minirlhf.config import ConfigError, apply_overrides
 from minirlhf.data import DataError, completion_batch, encode_example, pad_left, read_jsonl, write_jsonl
 from minirlhf.model import GPT, GPTConfig, ScalarHeadModel
-from minirlhf.reward import (RewardConfig, bayes_accuracy, calibration, load_preferences, preference_loss,
-                             score_records, score_texts, held_out_path, preferences_file, train_reward_model)
+from minirlhf.preferences import held_out_path, read_preferences
+from minirlhf.reward import (RewardConfig, bayes_accuracy, calibration, preference_loss, preferences_file,
+                             score_records, score_texts, train_reward_model, training_records)
 from minirlhf.sft import SFTConfig, train_sft
 from minirlhf.tokenizer import load_tokenizer
 
@@ -68,11 +69,11 @@ def test_calibration_of_one_pair_by_hand():
 
 def test_rankings_file_gives_all_pairs_to_the_pairwise_loss(tmp_path):
     write_jsonl(tmp_path / "rankings.jsonl", RANKINGS)
-    pairs = load_preferences(tmp_path / "rankings.jsonl", "pairwise")
+    pairs = training_records(read_preferences(tmp_path / "rankings.jsonl"), "pairwise")
     assert [(p["chosen"], p["rejected"]) for p in pairs[:3]] == [(" good .", " okay ."), (" good .", " bad ."),
                                                                    (" okay .", " bad .")]
     assert len(pairs) == 2 * math.comb(3, 2)
-    assert load_preferences(tmp_path / "rankings.jsonl", "ranking") == RANKINGS
+    assert training_records(read_preferences(tmp_path / "rankings.jsonl"), "ranking") == RANKINGS
 
 
 # ---------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def test_wrong_kind_of_preference_file_is_a_clear_error(tmp_path, kind, loss, me
                "mixed_k": [{"prompt": "a", "completions": ["b", "c"]}, {"prompt": "a", "completions": list("bcd")}]}
     write_jsonl(tmp_path / "pairs.jsonl", records[kind])
     with pytest.raises(DataError, match=message):
-        load_preferences(tmp_path / "pairs.jsonl", loss)
+        training_records(read_preferences(tmp_path / "pairs.jsonl"), loss)
 
 
 def test_cli_names_the_file_to_pass(tmp_path, capsys):
@@ -137,7 +138,7 @@ def test_cli_names_the_file_to_pass(tmp_path, capsys):
                  str(tmp_path / "rm"), "--set", "loss=ranking", "--quiet"])
     assert code == 2
     assert "rankings.jsonl" in capsys.readouterr().err
-    with pytest.raises(common.ConfigError, match="loss must be one of pairwise, ranking"):
+    with pytest.raises(ConfigError, match="loss must be one of pairwise, ranking"):
         apply_overrides(RewardConfig(), ["loss=listwise"]).validate()
 
 
@@ -214,7 +215,7 @@ def test_interrupted_run_resumes_to_the_same_result(prefs, tmp_path, monkeypatch
     def stop_at_step_6(loss, step, out_dir=None):
         if step == 6:
             raise KeyboardInterrupt                               # dies after the checkpoint at step 4
-    monkeypatch.setattr(common, "check_finite", stop_at_step_6)
+    monkeypatch.setattr(harness, "check_finite", stop_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train_reward_model(config, sft_dir, prefs_dir / "rankings.jsonl", tmp_path / "cut", progress=False)
     monkeypatch.undo()
@@ -228,5 +229,5 @@ def test_interrupted_run_resumes_to_the_same_result(prefs, tmp_path, monkeypatch
 def test_diverging_run_stops_with_a_message(prefs, tmp_path):
     sft_dir, prefs_dir = prefs
     config = apply_overrides(RewardConfig(), {**SMALL_RM, "lr": 1e30, "grad_clip": 1e30, "warmup_steps": 1})
-    with pytest.raises(common.NonFiniteLossError, match="at step"):
+    with pytest.raises(harness.NonFiniteLossError, match="at step"):
         train_reward_model(config, sft_dir, prefs_dir / "rankings.jsonl", tmp_path / "nan", progress=False)

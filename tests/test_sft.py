@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from minirlhf import common
 from minirlhf.checkpoints import load_gpt
-from minirlhf.common import ConfigError, apply_overrides
+from minirlhf.config import ConfigError, apply_overrides
 from minirlhf.data import length_bucketed_batches
+from minirlhf.optim import fused_adam, make_optimizer, step_generator
 from minirlhf.sft import BatchSchedule, SFTConfig, train_sft
 
 TINY = dict(steps=40, n_layer=1, n_embd=32, n_head=2, eval_every=20, n_eval_samples=16, warmup_steps=5,
@@ -88,7 +88,7 @@ def test_batch_schedule_depends_only_on_seed_and_step():
     assert BatchSchedule(lengths, 16, seed=4)(0) != first(0), "another seed should give another order"
     per_epoch = len(length_bucketed_batches(lengths, 16, torch.Generator()))   # the count does not depend on the order
     assert first(0) != first(per_epoch), "epochs must be shuffled afresh"
-    epoch_two = length_bucketed_batches(lengths, 16, common.step_generator(3, -3))
+    epoch_two = length_bucketed_batches(lengths, 16, step_generator(3, -3))
     assert [first(per_epoch + i) for i in range(per_epoch)] == epoch_two, "step e·n + i is batch i of epoch e"
     unbucketed = BatchSchedule(lengths, 16, seed=3, bucket_by_length=False)
     assert unbucketed(5) == BatchSchedule(lengths, 16, seed=3, bucket_by_length=False)(5), "uniform batches too"
@@ -97,8 +97,8 @@ def test_batch_schedule_depends_only_on_seed_and_step():
 
 def test_optimizers_use_the_fused_adam_kernel_where_the_device_has_one():
     model = torch.nn.Linear(3, 2)
-    optimizer = common.make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
     assert optimizer.defaults.get("fused") is True, "CPU parameters get torch's fused AdamW"
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0], "decay on matrices only"
     on_meta = torch.nn.Linear(3, 2, device="meta")
-    assert common.fused_adam(on_meta.parameters()) == {}, "a device without the kernel gets the plain loop"
+    assert fused_adam(on_meta.parameters()) == {}, "a device without the kernel gets the plain loop"

@@ -1,0 +1,65 @@
+"""Files that are never seen half-written: every write goes to a temporary file, then a rename.
+
+`load_torch` is the kit's only `torch.load`, always with weights_only=True: a checkpoint can
+hold tensors and plain containers, never code.
+"""
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from minirlhf.config import ConfigError
+
+
+def atomic_write_text(path, text):
+    """Write to a temporary file, then rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_torch(obj, path):
+    """torch.save to a temporary file, then rename (atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_torch(path, map_location="cpu"):
+    """torch.load with weights_only=True; a missing, truncated or tampered file is a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path} is not a readable checkpoint: {_load_problem(e)}") from None
+
+
+def _load_problem(error):
+    """One line on why torch.load failed (its own messages run over several lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, pickle.UnpicklingError):      # weights_only=True refused an object
+        refused = next((line for line in lines if "GLOBAL" in line or "global" in line), "")
+        return ("it holds objects other than tensors and plain containers, which minirlhf never loads "
+                f"(weights_only=True){': ' + refused.rstrip('.') if refused else ''}")
+    first = lines[0].split(". ")[0] if lines else ""
+    return f"truncated or corrupted ({type(error).__name__}{': ' + first[:160] if first else ''})"
