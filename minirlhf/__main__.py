@@ -16,7 +16,7 @@ from pathlib import Path
 
 from minirlhf import common
 from minirlhf.data import DataError
-from minirlhf.exercises import ExerciseError, unfinished_message
+from minirlhf.course.exercises import ExerciseError, unfinished_message
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from minirlhf import exercises
+from minirlhf.course import exercises
 
 
 def pytest_addoption(parser):
