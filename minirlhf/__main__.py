@@ -290,6 +290,8 @@ def cmd_grade(args):
         exercises.get(name)
     seed = args.seed if args.seed is not None else secrets.randbelow(10**6)
     path = Path(args.path)
+    if args.json and Path(args.json).is_symlink():
+        raise ExerciseError(f"{args.json} is a symlink: refusing to write a grade through it")
     if not path.is_dir():
         raise ExerciseError(f"{path} is not a folder")
     if (path / "minirlhf").is_dir():  # one student copy

@@ -246,7 +246,7 @@ def repair_syntax(path, rel, emit, attempts=20):
             lines = text.splitlines()
             line = max(1, min(e.lineno or 1, len(lines)))
             block = _enclosing_block(lines, line - 1)
-            emit({"event": "syntax", "file": rel, "line": e.lineno, "message": f"{type(e).__name__}: {e.msg}",
+            emit({"event": "syntax", "file": rel, "line": e.lineno, "kind": type(e).__name__, "message": str(e.msg),
                   "names": [block[2]] if block else []})
             if block is None:
                 return
@@ -255,7 +255,8 @@ def repair_syntax(path, rel, emit, attempts=20):
             stub = [f"def {name}(*args, **kwargs):", f"    raise SyntaxError({message})"]
             text = "\n".join(lines[:first] + stub + lines[last + 1:]) + "\n"
         except (ValueError, RecursionError, MemoryError) as e:
-            emit({"event": "syntax", "file": rel, "line": None, "message": type(e).__name__, "names": []})
+            emit({"event": "syntax", "file": rel, "line": None, "kind": type(e).__name__, "message": "the file cannot be "
+                  "compiled", "names": []})
             return
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)

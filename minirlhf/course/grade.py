@@ -29,8 +29,9 @@ DYNAMIC = {"getattr", "eval", "exec", "compile", "__import__", "importlib", "glo
 # The plan: calls to send, answers to expect (computed once per grading run).
 
 
-def make_plan(seed=0, only=None):
-    """[(grading, checks with their expected named outputs)] for the exercises in `only`."""
+def make_plan(seed=0, only=None, limit_s=None):
+    """[(grading, expected answers per check)] for the exercises in `only` (all if None);
+    `limit_s` replaces every exercise's time limit."""
     plan, gradings = [], cases.grading(seed)
     for e in EXERCISES:
         if only and e.name not in only:
@@ -38,6 +39,8 @@ def make_plan(seed=0, only=None):
         if e.name not in gradings:
             raise ExerciseError(f"no grading cases for exercise {e.name} in minirlhf/course/cases.py")
         grading, solution = gradings[e.name], None
+        if limit_s is not None:
+            grading.limit_s = limit_s
         expected = []
         for check in grading.checks:
             if check.kind == "hand":
@@ -223,22 +226,37 @@ def _score(grading, expected, result, info, refused):
     for check, want in zip(grading.checks, expected):
         got = [_named(grading.style, child.decode(o)) for o in outputs[i:i + len(check.calls)]]
         i += len(check.calls)
+        crashed = next((g["error"] for g in got if "error" in g), None)
         if len(got) < len(check.calls):
             problem = "no answer"
+        elif crashed:
+            problem = crashed
         elif check.kind == "property":
-            problem = next((g["error"] for g in got if "error" in g), None) or check.verify(
+            problem = check.verify(
                 got, [{"args": call["args"]} for call in check.calls])
         else:
             problem = next((p for g, w in zip(got, want) if (p := _compare(g, w, check.tol))), None)
         results.append({"kind": check.kind, "title": check.title, "passed": problem is None,
-                        **({"reason": problem, "hint": check.hint} if problem else {})})
+                        **({"reason": problem, "hint": check.hint, "raised": bool(crashed)} if problem else {})})
     passed = sum(r["passed"] for r in results)
     if passed == n:
         return {"score": 1.0, "passed": True, "checks_passed": n, "checks": n,
                 "feedback": f"all {n} checks pass (hand-computed, properties, reference)", "results": results}
     first = next(r for r in results if not r["passed"])
+    if first["reason"].startswith("not done yet"):
+        return {**failed, "feedback": "not done yet (the stub still raises NotImplementedError)", "results": results}
+    if first["raised"]:  # the function raised: the error and where, not a hint about the maths
+        return {**failed, "checks_passed": passed, "feedback": f"{first['reason']} (on {first['kind']} check "
+                f"'{first['title']}')", "results": results}
     feedback = f"{first['kind']} check '{first['title']}' fails: {first['reason']}. Hint: {first['hint']}"
     return {**failed, "checks_passed": passed, "feedback": feedback, "results": results}
+
+
+def score_in_process(grading, expected, fn):
+    """Score `fn` as the child would, but here: for the instructor's own checks and tests
+    (never for a student's code, which runs only in the sandbox)."""
+    result = {"calls": [child.run_call(fn, call) for call in jobs_of([(grading, expected)])[0]["calls"]]}
+    return _score(grading, expected, result, {"syntax": [], "imports": {}}, None)
 
 
 def _error_reason(grading, result, info):
@@ -246,7 +264,7 @@ def _error_reason(grading, result, info):
     top = grading.attr.split(".")[0]
     for event in info["syntax"]:
         if top in event.get("names", []) or (not event.get("names") and _same_module(grading, event)):
-            return f"{event.get('message', 'SyntaxError')} in {Path(str(event.get('file'))).name} line {event.get('line')}"
+            return _syntax_line(event)
     if grading.module in info["imports"]:
         return f"the package does not import: {info['imports'][grading.module]}"
     if "error" in result:
@@ -260,8 +278,13 @@ def _same_module(grading, event):
     return grading.module and str(event.get("file", "")).replace("/", ".").removesuffix(".py") == grading.module
 
 
+def _syntax_line(event):
+    return (f"{event.get('kind', 'SyntaxError')} in {Path(str(event.get('file'))).name} line {event.get('line')}: "
+            f"{str(event.get('message'))[:200]}")
+
+
 def _syntax_notes(info):
-    return [f"{e.get('message')} in {e.get('file')} line {e.get('line')}" for e in info["syntax"]]
+    return [_syntax_line(e) for e in info["syntax"]]
 
 
 def format_grade(record):
