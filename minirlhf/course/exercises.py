@@ -1,48 +1,27 @@
-"""Exercises: the list, the student copy generated from the solutions, and grading.
+"""The exercise list: the single source of truth.
 
 Solutions live in the package itself, each between a `### BEGIN SOLUTION` line and a
-`### END SOLUTION` line (nbgrader's markers, STYLE.md rule 8). `make_student` copies the
-repository and replaces every such region by one line,
-`raise NotImplementedError("Exercise: <name> — see the docstring")`, at the region's
-indentation; in notebooks the same happens inside code cells. Test code between
-`### BEGIN HIDDEN TESTS` and `### END HIDDEN TESTS` lines is left out of the copy: the
-instructor grades with it, students never see it.
+`### END SOLUTION` line (nbgrader's markers, STYLE.md rule 8); the student copy
+(minirlhf/course/student_copy.py) replaces each by a stub that raises
+`NotImplementedError("Exercise: <name> — see the docstring")`.
 
 EXERCISES below is the one list that the student README, docs/instructor.md, the test
-hooks (tests/conftest.py) and `grade` all read. Rules that follow from it:
+hooks (tests/conftest.py) and the grader (minirlhf/course/grade.py) all read. Rules that
+follow from it:
   - an exercise's name is the qualified name of the function it stubs
     (`AdaptiveKLController.update`); the stub's message carries it;
   - a test belongs to an exercise when its node id is in the exercise's `tests` (an id
-    without `[...]` covers every parametrized case); a test listed under several
-    exercises counts for each, and passes only when all of them are done;
+    without `[...]` covers every parametrized case); `python -m pytest --exercise NAME`
+    runs them; a test listed under several exercises passes only when all are done;
   - in a student copy the tests of an unfinished exercise fail, naming it; any other test
     that runs into an unfinished exercise (a whole-stage smoke run, say) is skipped with
     a reason naming it (tests/conftest.py);
-  - `grade` runs the instructor's tests (hidden ones included) against a student's
-    `minirlhf/` in a temporary folder, and scores each exercise as passed / its tests.
-
-Deliberate simplifications: regions are found line by line (no parsing); the enclosing
-function is the nearest `def` above the region with a smaller indentation.
+  - the grader does not run these tests on a student's code: it runs the exercise's
+    checks (minirlhf/course/cases.py) in a sandbox, and every exercise, notebook ones
+    included, scores 0 or 1.
 """
-import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
-
-from minirlhf.common import atomic_write_text
-
-REPO = Path(__file__).resolve().parent.parent
-SOLUTION = ("### BEGIN SOLUTION", "### END SOLUTION")
-HIDDEN = ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
-STAMP = ".minirlhf-student.json"  # written into every student copy; marks it as one
-INSTRUCTOR_ONLY = ("tests/test_exercises.py", "docs/instructor.md")  # never copied to students
-IGNORED = {".git", "runs", "__pycache__", ".venv", "venv", ".pytest_cache", ".ipynb_checkpoints"}
 
 
 class ExerciseError(ValueError):
@@ -59,7 +38,7 @@ class Exercise:
     file: str  #: the file holding its solution region, relative to the repository root
     difficulty: int  #: 1 a line or two, 2 a few lines with one subtlety, 3 a loop or many cases
     notebook: str  #: the notebook that introduces it
-    check: str  #: its inline check in minirlhf/checks.py ("" if none)
+    check: str  #: its inline check in minirlhf/course/checks.py ("" if none)
     tests: tuple  #: pytest node ids that check it
 
 
@@ -107,8 +86,8 @@ EXERCISES = (
         _L + "test_dpo_ipo_has_its_minimum_at_margin_one_over_two_beta",
         _L + "test_cdpo_and_robust_reduce_to_sigmoid_at_zero_smoothing", _L + "test_gradcheck_dpo",
         _L + "test_extreme_margins_are_finite")),
-    # Notebook exercises: practice checked by the cell after them, not graded (the grader runs the
-    # instructor's notebooks, so it could not see the student's answer).
+    # Notebook exercises: the cell after each checks it; the grader runs the function that the
+    # student's exercise cell defines (no pytest tests of their own).
     Exercise("returns_to_go", "notebooks/00_rl_intro.ipynb", 1, "notebooks/00_rl_intro.ipynb", "", ()),
     Exercise("gpt_parameter_count", "notebooks/01_tiny_gpt_and_sft.ipynb", 2, "notebooks/01_tiny_gpt_and_sft.ipynb",
              "", ()),
