@@ -228,7 +228,7 @@ of the arguments (B batch, T tokens, V vocabulary, K responses per prompt) and a
 2. Pick an exercise from the table (the notebooks introduce them in this order;
    ★ short, ★★ one subtlety, ★★★ a loop or several cases), open its file, read its
    docstring and write the body.
-3. Check it in a notebook: `from minirlhf.checks import check_sft_loss; check_sft_loss(sft_loss)`
+3. Check it in a notebook: `from minirlhf.course.checks import check_sft_loss; check_sft_loss(sft_loss)`
    prints ✓ or the inputs, the expected values and what your function returned.
 4. Check it with its tests: `python -m pytest --exercise sft_loss`.
 5. `python -m pytest` runs everything. The tests of an unfinished exercise fail with
