@@ -295,7 +295,7 @@ def test_a_class_makes_one_gradebook_and_broken_submissions_get_a_reason(kit, tm
                           "slip"]
     assert (rows["alice"]["token_logprobs"], rows["alice"]["sft_loss"], rows["alice"]["total"]) == ("1", "1", "2")
     assert (rows["bob"]["token_logprobs"], rows["bob"]["sft_loss"], rows["bob"]["total"]) == ("1", "0", "1")
-    assert "sft_loss: not done yet" in rows["bob"]["notes"]
+    assert "not done: sft_loss" in rows["bob"]["notes"]
     reasons = {"absolute": "archive writes outside its folder", "slip": "archive writes outside its folder",
                "link": "archive writes outside its folder", "garbage": "unreadable archive",
                "hollow": "empty archive", "empty": "empty submission", "notakit": "not a kit",

@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from minirlhf.course import grade
-from minirlhf.course.exercises import EXERCISES
 from minirlhf.course.sandbox import SubmissionError
 
 MAX_MEMBERS = 5000
@@ -148,7 +147,10 @@ def _cell(text):
 
 def _row(name, record):
     scores = {r["name"]: r["score"] for r in record.get("exercises", [])}
-    failed = [f"{r['name']}: {r['feedback']}" for r in record.get("exercises", []) if not r["passed"]]
+    rows = [r for r in record.get("exercises", []) if not r["passed"]]
+    todo = [r["name"] for r in rows if r["feedback"].startswith("not done yet")]
+    failed = ([f"not done: {', '.join(todo)}"] if todo else []) + [
+        f"{r['name']}: {r['feedback']}" for r in rows if r["name"] not in todo]
     return {"student": name, "scores": scores, "points": record["total"]["points"],
             "max_points": record["total"]["max_points"], "seconds": record.get("seconds", 0.0),
             "notes": " | ".join(record.get("notes", []) + failed)}
@@ -180,7 +182,3 @@ def feedback_text(name, record):
         lines.append(f"{mark} {r['name']} ({r['file']}): {r['feedback']}")
     lines += [f"note: {n}" for n in record.get("notes", [])]
     return "\n".join(lines) + "\n"
-
-
-def exercise_names():
-    return [e.name for e in EXERCISES]
