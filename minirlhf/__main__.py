@@ -295,7 +295,7 @@ def cmd_grade(args):
     if not path.is_dir():
         raise ExerciseError(f"{path} is not a folder")
     if (path / "minirlhf").is_dir():  # one student copy
-        plan = grade.make_plan(seed, set(args.exercise) or None)
+        plan = grade.make_plan(seed, set(args.exercise) or None, limit_s=args.limit)
         hidden = [grade.REPO] + ([Path(args.json).resolve().parent] if args.json else [])
         record = grade.grade_submission(path, plan=plan, seed=seed, hidden=hidden, isolate=not args.no_isolation,
                                         echo=print)
@@ -305,7 +305,7 @@ def cmd_grade(args):
         return
     out = Path(args.out or "grades")
     rows = gradebook.grade_class(path, out, seed=seed, jobs=args.jobs, isolate=not args.no_isolation,
-                                 only=set(args.exercise) or None, progress=not args.quiet)
+                                 only=set(args.exercise) or None, limit_s=args.limit, progress=not args.quiet)
     for row in rows:
         print(f"  {row['student']:<30} {row['points']:>5g} / {row['max_points']}  {row['notes'][:90]}")
     print(f"wrote {out / 'gradebook.csv'} and a feedback file per student in {out}/ ({len(rows)} submissions)")
@@ -320,6 +320,8 @@ def grade_flags(p):
     p.add_argument("--jobs", type=int, default=None, help="a class: submissions graded at once (default: cores)")
     p.add_argument("--exercise", action="append", default=[], metavar="NAME", help="grade only this exercise")
     p.add_argument("--seed", type=int, default=None, help="seed of the random reference inputs (default: fresh)")
+    p.add_argument("--limit", type=float, default=None, metavar="S",
+                   help="seconds each exercise may run (default 10)")
     p.add_argument("--no-isolation", action="store_true",
                    help="no namespaces or read-only mounts (limits and the separate process stay)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

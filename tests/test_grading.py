@@ -178,10 +178,13 @@ sys.modules["pytest"] = None
 def test_forging_from_an_exit_handler_and_patching_score_nothing(kit, tmp_path):
     student = copy_of(kit, tmp_path / "forger")
     (student / "minirlhf" / "__init__.py").write_text(FORGER)
-    plan = grade.make_plan(1, {"token_logprobs", "sft_loss", "gae", "dpo_loss"})
+    (student / "minirlhf" / "model.py").unlink()
+    (student / "minirlhf" / "model.py").symlink_to(REPO / "minirlhf" / "model.py")  # the solution, by a link
+    plan = grade.make_plan(1, {"attention_reference", "token_logprobs", "sft_loss", "gae", "dpo_loss"})
     record = grade.grade_submission(student, plan=plan, seed=1, hidden=[REPO])
     assert set(scores(record).values()) == {0.0}, feedback(record)
     assert not (student / "grade.json").exists()
+    assert "minirlhf/model.py is not a regular file: left out" in record["notes"]
 
 
 def test_an_exit_at_import_scores_nothing_and_says_why(kit, tmp_path):

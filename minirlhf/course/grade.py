@@ -217,6 +217,20 @@ def grade_submission(student, plan=None, seed=0, hidden=(), isolate=True, echo=N
 
 
 def _score(grading, expected, result, info, refused):
+    """The exercise's score, feedback and per-check results (text from the child made printable)."""
+    row = _scored(grading, expected, result, info, refused)
+    row["feedback"] = printable(row["feedback"])
+    for r in row["results"]:
+        r.update({k: printable(r[k]) for k in ("reason", "title") if k in r})
+    return row
+
+
+def printable(text):
+    """`text` without control characters: a student's error message cannot drive the terminal."""
+    return "".join(c if c.isprintable() else " " for c in str(text))
+
+
+def _scored(grading, expected, result, info, refused):
     n = len(grading.checks)
     failed = {"score": 0.0, "passed": False, "checks_passed": 0, "checks": n}
     reason = refused or _error_reason(grading, result, info)

@@ -82,13 +82,13 @@ def submissions(root):
 # The class.
 
 
-def grade_class(root, out, seed=0, jobs=None, isolate=True, only=None, progress=True):
+def grade_class(root, out, seed=0, jobs=None, isolate=True, only=None, limit_s=None, progress=True):
     """Grade every submission in `root`; write out/gradebook.csv and out/<student>.txt/.json.
     Returns the gradebook rows."""
     from tqdm import tqdm
     root, out = Path(root).resolve(), Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    plan = grade.make_plan(seed, only)
+    plan = grade.make_plan(seed, only, limit_s)
     hidden = [grade.REPO, root, out]
     entries = submissions(root)
     jobs = jobs or max(1, os.cpu_count() or 1)

@@ -21,13 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from minirlhf.course.exercises import ExerciseError
+
 CHILD = Path(__file__).with_name("child.py")
 MAX_FILE_BYTES = 2 << 20  # a package or notebook file larger than this is not copied
 MAX_EVENT_BYTES = 8 << 20  # the child may send this much in all
 IMPORT_LIMIT_S = 60.0  # starting python, torch and the student's package (a contended machine is slow)
 
 
-class SubmissionError(ValueError):
+class SubmissionError(ExerciseError):
     """A submission that cannot be graded at all (not a kit, unreadable)."""
 
 
@@ -163,7 +165,7 @@ def _one_child(kit, runner, tmp, jobs, hidden, isolate, cpu_s, memory_mb, result
             for line in lines:
                 event = _parse(line)
                 kind = event.get("event")
-                if kind == "sandbox" and info["children"] == 1:
+                if kind == "sandbox" and info["children"] == 1 and not info["sandbox"]:  # the first: before student code
                     info["sandbox"] = {str(k): str(v)[:200] for k, v in event.items() if k != "event"}
                 elif kind == "syntax" and info["children"] == 1:
                     info["syntax"].append(event)
