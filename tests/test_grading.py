@@ -142,6 +142,14 @@ def test_a_conceptual_error_scores_zero_and_is_explained(name, wrong, words):
     assert "assert" not in result["feedback"]
 
 
+def test_an_unreadable_answer_fails_the_check_not_the_grader():
+    (grading, expected), = grade.make_plan(1, {"gae"})
+    for answer in ({"value": {"__tuple__": [{"__tensor__": [1.0], "shape": [10 ** 6], "dtype": "float64"}, 3]}},
+                   {"value": {"__ndarray__": [1.0], "shape": [1], "dtype": "V7"}}, "not a dict", {"error": "\x1b[2J"}):
+        row = grade._score(grading, expected, {"calls": [answer] * 20}, {"syntax": [], "imports": {}}, None)
+        assert row["score"] == 0.0 and row["feedback"].isprintable(), row["feedback"]
+
+
 # ---------------------------------------------------------------------------------------
 # Attacks, through the sandbox.
 

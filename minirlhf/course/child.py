@@ -190,8 +190,9 @@ def isolate(writable, hidden):
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID) != 0:
         err = os.strerror(ctypes.get_errno())
-        return {"network": f"not isolated (unshare: {err}; run as root or in a container)",
-                "filesystem": "not isolated"}
+        network = ("isolated (new network namespace)" if libc.unshare(CLONE_NEWNET) == 0
+                   else f"not isolated (unshare: {err}; run as root or in a container)")
+        return {"network": network, "filesystem": f"not isolated (unshare: {err})"}
     notes["network"] = "isolated (new network namespace)"
     pid = os.fork()  # the child is PID 1 of a new PID namespace: it cannot see or signal the grader
     if pid:

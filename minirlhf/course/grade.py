@@ -238,18 +238,21 @@ def _scored(grading, expected, result, info, refused):
         return {**failed, "feedback": reason, "results": []}
     outputs, i, results = result["calls"], 0, []
     for check, want in zip(grading.checks, expected):
-        got = [_named(grading.style, child.decode(o)) for o in outputs[i:i + len(check.calls)]]
-        i += len(check.calls)
-        crashed = next((g["error"] for g in got if "error" in g), None)
-        if len(got) < len(check.calls):
-            problem = "no answer"
-        elif crashed:
-            problem = crashed
-        elif check.kind == "property":
-            problem = check.verify(
-                got, [{"args": call["args"]} for call in check.calls])
-        else:
-            problem = next((p for g, w in zip(got, want) if (p := _compare(g, w, check.tol))), None)
+        answers, i = outputs[i:i + len(check.calls)], i + len(check.calls)
+        crashed = problem = None
+        try:  # the answers came from the student's process: anything unreadable fails the check
+            got = [_named(grading.style, child.decode(o)) for o in answers]
+            crashed = next((g["error"] for g in got if "error" in g), None)
+            if len(got) < len(check.calls):
+                problem = "no answer"
+            elif crashed:
+                problem = crashed
+            elif check.kind == "property":
+                problem = check.verify(got, [{"args": call["args"]} for call in check.calls])
+            else:
+                problem = next((p for g, w in zip(got, want) if (p := _compare(g, w, check.tol))), None)
+        except Exception as e:
+            problem = f"an answer that cannot be read as numbers ({type(e).__name__})"
         results.append({"kind": check.kind, "title": check.title, "passed": problem is None,
                         **({"reason": problem, "hint": check.hint, "raised": bool(crashed)} if problem else {})})
     passed = sum(r["passed"] for r in results)
