@@ -199,8 +199,12 @@ def grade_submission(student, plan=None, seed=0, hidden=(), isolate=True, echo=N
     for grading, expected in plan:
         e = by_name[grading.name]
         row = {"name": e.name, "file": e.file, "difficulty": e.difficulty, "notebook": e.notebook}
-        row.update(_score(grading, expected, results.get(e.name, {"error": "not run"}), info,
-                          refused_shortcut(student, grading, e.file)))
+        result = results.get(e.name, {"error": "not run"})
+        refused = refused_shortcut(student, grading, e.file)
+        if grading.forbidden and not refused and result.get("sdpa_calls"):  # the child's counter, a second look
+            refused = (f"refused: {grading.attr} called F.scaled_dot_product_attention while it ran; the exercise "
+                       "is to write the attention by hand")
+        row.update(_score(grading, expected, result, info, refused))
         rows.append(row)
     points = sum(r["score"] for r in rows)
     record = {
