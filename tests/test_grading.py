@@ -282,7 +282,11 @@ def _zip(path, members):
 def test_a_class_makes_one_gradebook_and_broken_submissions_get_a_reason(kit, tmp_path, capsys):
     klass = tmp_path / "class"
     klass.mkdir()
-    copy_of(kit, klass / "alice", solved={"token_logprobs", "sft_loss"})
+    alice = copy_of(kit, klass / "alice", solved={"token_logprobs", "sft_loss"}, edits={
+        ("minirlhf/model.py", "attention_reference"): "from minirlhf import shortcut\nreturn shortcut.attend(q, k, v, mask)"})
+    (alice / "minirlhf" / "shortcut.py").write_text(  # the library call, where the source read does not look
+        "import torch.nn.functional as F\n\ndef attend(q, k, v, mask):\n"
+        "    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)\n")
     bob = copy_of(kit, tmp_path / "bob" / "minirlhf-student", solved={"token_logprobs"})
     with zipfile.ZipFile(klass / "bob.zip", "w") as zf:
         for path in sorted(bob.rglob("*")):
@@ -301,13 +305,15 @@ def test_a_class_makes_one_gradebook_and_broken_submissions_get_a_reason(kit, tm
     (klass / "notes.txt").write_text("not a submission")
     out = tmp_path / "grades"
     assert main(["grade", str(klass), "--out", str(out), "--exercise", "token_logprobs", "--exercise", "sft_loss",
-                 "--seed", "4", "--quiet", "--jobs", "2"]) == 0
+                 "--exercise", "attention_reference", "--seed", "4", "--quiet", "--jobs", "2"]) == 0
     rows = {row["student"]: row for row in csv.DictReader((out / "gradebook.csv").open())}
     assert list(rows) == ["absolute", "alice", "bob", "empty", "garbage", "hollow", "link", "notakit", "notes.txt",
                           "slip"]
     assert (rows["alice"]["token_logprobs"], rows["alice"]["sft_loss"], rows["alice"]["total"]) == ("1", "1", "2")
+    assert rows["alice"]["attention_reference"] == "0"
+    assert "called F.scaled_dot_product_attention while it ran" in rows["alice"]["notes"]
     assert (rows["bob"]["token_logprobs"], rows["bob"]["sft_loss"], rows["bob"]["total"]) == ("1", "0", "1")
-    assert "not done: sft_loss" in rows["bob"]["notes"]
+    assert "not done: attention_reference, sft_loss" in rows["bob"]["notes"]
     reasons = {"absolute": "archive writes outside its folder", "slip": "archive writes outside its folder",
                "link": "archive writes outside its folder", "garbage": "unreadable archive",
                "hollow": "empty archive", "empty": "empty submission", "notakit": "not a kit",
@@ -316,6 +322,6 @@ def test_a_class_makes_one_gradebook_and_broken_submissions_get_a_reason(kit, tm
         assert rows[name]["total"] == "0" and reason in rows[name]["notes"], rows[name]
     assert not (tmp_path / "evil.py").exists() and not Path("/tmp/minirlhf-evil.py").exists()
     text = (out / "alice.txt").read_text()
-    assert "Score: 2 of 2 exercises" in text and "✓ token_logprobs" in text
+    assert "Score: 2 of 3 exercises" in text and "✓ token_logprobs" in text
     assert "Not graded: unreadable archive" in (out / "garbage.txt").read_text()
     assert re.search(r"wrote .*gradebook\.csv .*\(10 submissions\)", capsys.readouterr().out)
