@@ -342,17 +342,13 @@ def main(job_path, fd):
         try:
             if exercise.get("notebook"):
                 fn = notebook_function(os.path.join(kit, exercise["notebook"]), exercise["attr"])
+                results = [run_call(fn, call) for call in exercise["calls"]]
+            elif exercise["module"] in modules:
+                fn = getattr(modules[exercise["module"]], exercise["attr"])
+                results = [run_call(fn, call) for call in exercise["calls"]]
             else:
-                fn = modules[exercise["module"]]
-                for part in exercise["attr"].split("."):
-                    fn = getattr(fn, part)
-                if exercise.get("style") == "controller":
-                    fn = modules[exercise["module"]]
-                    fn = getattr(fn, exercise["attr"].split(".")[0])
-            results = [run_call(fn, call) for call in exercise["calls"]]
-        except KeyError:
-            results = None  # its module did not import: the `imported` event says why
-        except BaseException as e:
+                results = None  # its module did not import: the `imported` event said why
+        except BaseException as e:  # SystemExit included: it fails this exercise only
             results = [{"error": f"{type(e).__name__}: {str(e)[:300]}{_student_frame(e)}"}] * len(exercise["calls"])
         emit({"event": "result", "name": exercise["name"], "calls": results, "sdpa_calls": calls["sdpa"]})
     emit({"event": "done"})
