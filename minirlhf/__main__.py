@@ -285,7 +285,11 @@ def make_student_flags(p):
 def cmd_grade(args):
     import json
     import secrets
-    from minirlhf.course import exercises, grade, gradebook
+    from minirlhf.course import exercises
+    try:
+        from minirlhf.course import grade, gradebook
+    except ImportError:  # a student copy: the grader's files do not ship
+        raise ExerciseError("grading runs from the instructor's repository (this copy has no grader)") from None
     for name in args.exercise:
         exercises.get(name)
     seed = args.seed if args.seed is not None else secrets.randbelow(10**6)
