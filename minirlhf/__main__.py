@@ -10,6 +10,7 @@ pft: preferences, also --prefs). Bad input is reported in one line with exit cod
 """
 import argparse
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,9 @@ from minirlhf.collect import FAST as COLLECT_FAST, CollectConfig, collect
 from minirlhf.config import ConfigError, build, pick_device, require
 from minirlhf.data import DATA_DIR, DataError, default_path, read_jsonl
 from minirlhf.dpo import FAST as DPO_FAST, DPOConfig, train_dpo
-from minirlhf.exercises import ExerciseError, grade, make_student, unfinished_message
+from minirlhf.course import exercises
+from minirlhf.course.exercises import ExerciseError, unfinished_message
+from minirlhf.course.student_copy import make_student
 from minirlhf.experiments import FAST as FRONTIER_FAST, FrontierConfig, run_frontier
 from minirlhf.pipeline import run_pipeline
 from minirlhf.ppo import FAST as PPO_FAST, PPOConfig, train_ppo
@@ -33,6 +36,11 @@ from minirlhf.sampling import sample_completions
 from minirlhf.sft import FAST as SFT_FAST, SFTConfig, train_sft
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import load_tokenizer, train_and_save
+
+try:                                      # a student copy ships without the grader's files
+    from minirlhf.course import grade as grading, gradebook
+except ImportError:
+    grading = gradebook = None
 
 
 # ---------------------------------------------------------------------------
@@ -262,13 +270,13 @@ def collect_flags(p):
                    "data/prompts_train.jsonl; the same as --set prompts=FILE)")
 
 
-# Instructors: the student copy and grading (minirlhf/exercises.py, docs/instructor.md)
+# Instructors: the student copy and grading (minirlhf/course/, docs/instructor.md)
 
 def cmd_make_student(args):
     result = make_student(args.out, overwrite=args.overwrite)
     names = ", ".join(name for name, _ in result["stubbed"])
     print(f"wrote the student copy to {args.out}: {result['files']} files, "
-          f"{len(result['stubbed'])} exercises stubbed ({names}); hidden tests left out")
+          f"{len(result['stubbed'])} exercises stubbed ({names}); hidden tests and instructor-only code left out")
 
 
 def make_student_flags(p):
@@ -277,16 +285,47 @@ def make_student_flags(p):
 
 
 def cmd_grade(args):
-    record = grade(args.student_dir, json_path=args.json, timeout=args.timeout, all_tests=args.all)
-    if record["pytest"]["timed_out"]:
-        raise ExerciseError(f"the tests did not finish within {args.timeout} s (see the table above)")
+    if grading is None:
+        raise ExerciseError("grading runs from the instructor's repository (this copy has no grader)")
+    for name in args.exercise:
+        exercises.get(name)
+    seed = args.seed if args.seed is not None else secrets.randbelow(10**6)
+    path = Path(args.path)
+    if args.json and Path(args.json).is_symlink():
+        raise ExerciseError(f"{args.json} is a symlink: refusing to write a grade through it")
+    if not path.is_dir():
+        raise ExerciseError(f"{path} is not a folder")
+    if (path / "minirlhf").is_dir():  # one student copy
+        plan = grading.make_plan(seed, set(args.exercise) or None, limit_s=args.limit)
+        hidden = [grading.REPO] + ([Path(args.json).resolve().parent] if args.json else [])
+        record = grading.grade_submission(path, plan=plan, seed=seed, hidden=hidden, isolate=not args.no_isolation,
+                                        echo=print)
+        if args.json:
+            grading.write_private(args.json, json.dumps(record, indent=1) + "\n")
+            print(f"wrote {args.json}")
+        return
+    out = Path(args.out or "grades")
+    rows = gradebook.grade_class(path, out, seed=seed, jobs=args.jobs, isolate=not args.no_isolation,
+                                 only=set(args.exercise) or None, limit_s=args.limit, progress=not args.quiet)
+    for row in rows:
+        print(f"  {row['student']:<30} {row['points']:>5g} / {row['max_points']}  {row['notes'][:90]}")
+    print(f"wrote {out / 'gradebook.csv'} and a feedback file per student in {out}/ ({len(rows)} submissions)")
 
 
 def grade_flags(p):
-    p.add_argument("student_dir", metavar="STUDENT_DIR", help="a student copy with the student's minirlhf/")
-    p.add_argument("--json", default=None, help="gradebook record to write (default: STUDENT_DIR/grade.json)")
-    p.add_argument("--timeout", type=float, default=900, help="seconds before the test run is stopped")
-    p.add_argument("--all", action="store_true", help="run every instructor test, not only the exercises' files")
+    p.add_argument("path", metavar="STUDENT_DIR|SUBMISSIONS_DIR",
+                   help="a student copy, or a folder of submissions (folders or .zip files, one per student)")
+    p.add_argument("--json", default=None, help="one student: write the gradebook record to this file")
+    p.add_argument("--out", default=None, help="a class: folder for gradebook.csv and the feedback files "
+                                               "(default: grades/)")
+    p.add_argument("--jobs", type=int, default=None, help="a class: submissions graded at once (default: cores)")
+    p.add_argument("--exercise", action="append", default=[], metavar="NAME", help="grade only this exercise")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random reference inputs (default: fresh)")
+    p.add_argument("--limit", type=float, default=None, metavar="S",
+                   help="seconds each exercise may run (default 10)")
+    p.add_argument("--no-isolation", action="store_true",
+                   help="no namespaces or read-only mounts (limits and the separate process stay)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 COMMANDS = {
@@ -307,7 +346,8 @@ COMMANDS = {
     "sample": (cmd_sample, "sample completions from a trained model folder", sample_flags),
     "make-student": (cmd_make_student, "instructors: write a student copy, solutions replaced by stubs",
                      make_student_flags),
-    "grade": (cmd_grade, "instructors: score a student copy per exercise with the full tests", grade_flags),
+    "grade": (cmd_grade, "instructors: score a student copy, or a class into a CSV gradebook (sandboxed)",
+              grade_flags),
 }
 
 

@@ -240,7 +240,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     and returns R_t = A_t + V_t (the value targets). The episode ends after the last
     masked position: V there is 0 and nothing after it flows back. Returns
     (advantages, returns), each (B, T) and 0 outside the mask. gae_reference below is
-    the same computation, one row and one step at a time.
+    the same computation, one row and one step at a time (in the instructor's copy only).
 
     Hint: zero values and rewards off the mask, then loop t = T−1 … 0 over tensors of
     shape (B,), multiplying the running advantage by mask[:, t] to restart it.
@@ -264,6 +264,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     ### END SOLUTION
 
 
+### BEGIN INSTRUCTOR ONLY
 def gae_reference(rewards, values, mask, gamma=1.0, lam=0.95):
     """The same as gae, written naively: python floats, one row and one step at a time."""
     B, T = values.shape
@@ -281,6 +282,7 @@ def gae_reference(rewards, values, mask, gamma=1.0, lam=0.95):
             advantages[b, t] = advantage
             returns[b, t] = advantage + value
     return advantages, returns
+### END INSTRUCTOR ONLY
 
 
 # ---------------------------------------------------------------------------------------

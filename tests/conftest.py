@@ -5,15 +5,16 @@
     NAME …")`) fails if it is one of NAME's tests, and is skipped otherwise, with a reason
     naming NAME: in a student copy, `python -m pytest` fails exactly the tests of the
     unfinished exercises; whole-stage smoke runs wait, skipped, until their exercises are done.
-  - With MINIRLHF_GRADE_REPORT=PATH set (by `python -m minirlhf grade`), every test's
-    outcome is written to PATH as JSON when the session ends.
+  - With MINIRLHF_GRADE_REPORT=PATH set (tests/test_exercises.py reads it), every test's
+    outcome is written to PATH as JSON when the session ends. The grader does not use it:
+    it runs student code only in its sandbox (minirlhf/course/grade.py).
 """
 import json
 import os
 
 import pytest
 
-from minirlhf import exercises
+from minirlhf.course import exercises
 
 
 def pytest_addoption(parser):

@@ -1,4 +1,5 @@
-"""Tests for the exercises machinery: minirlhf/exercises.py, minirlhf/checks.py, tests/conftest.py.
+"""Tests for the exercises machinery: minirlhf/course/ (the list, the student copy, the inline
+checks) and tests/conftest.py. The grader has its own file, tests/test_grading.py.
 
 What is checked:
   - the exercise list agrees with the solution regions in the repository, with the tests
@@ -13,7 +14,7 @@ What is checked:
     exercise) and skips the stage tests that need one, naming it; a stage command names
     the unfinished exercise with exit code 2;
   - round trip: the solutions put back into the stubs pass the tests there;
-  - `grade` scores a half-finished copy 100 % on the finished exercises, 0 % on the rest;
+  - no working reference ships: gae_reference and the one-line token_logprobs are gone;
   - each inline check passes the real solution and fails a deliberately wrong function.
 
 Subprocess pytest runs are the slow part: each runs only the test files it needs.
@@ -30,12 +31,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minirlhf import checks, exercises, losses, model
-from minirlhf.exercises import EXERCISES, REPO
+from minirlhf import losses, model
+from minirlhf.course import checks, exercises, student_copy
+from minirlhf.course.exercises import EXERCISES
+from minirlhf.course.student_copy import REPO
 
 GRADED = [e for e in EXERCISES if e.tests]   # package exercises; notebook practice is not graded
 
-MARKERS = exercises.SOLUTION + exercises.HIDDEN
+MARKERS = student_copy.SOLUTION + student_copy.HIDDEN + student_copy.INSTRUCTOR
 RUN_FILES = ["tests/test_losses.py", "tests/test_model.py"]
 
 
@@ -71,9 +74,9 @@ def restore(kit, names):
         if e.name not in names:
             continue
         source = (REPO / e.file).read_text()
-        kind, first, last, indent, _ = next(r for r in exercises.find_regions(source, e.file) if r[4] == e.name)
+        kind, first, last, indent, _ = next(r for r in student_copy.find_regions(source, e.file) if r[4] == e.name)
         solution = "".join(source.splitlines(keepends=True)[first:last + 1])
-        stub = exercises.stub_line(indent, e.name, "") + "\n"
+        stub = student_copy.stub_line(indent, e.name, "") + "\n"
         text = (kit / e.file).read_text()
         assert text.count(stub) == 1, f"{e.name}: expected one stub"
         (kit / e.file).write_text(text.replace(stub, solution))
@@ -82,7 +85,7 @@ def restore(kit, names):
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     out = tmp_path_factory.mktemp("student") / "kit"
-    result = exercises.make_student(out)
+    result = student_copy.make_student(out)
     assert sorted(name for name, _ in result["stubbed"]) == sorted(e.name for e in EXERCISES)
     return out
 
@@ -93,10 +96,10 @@ def kit(tmp_path_factory):
 
 def test_exercise_list_matches_solution_regions_checks_and_tests():
     regions = set()
-    sources = [f for f in exercises.source_files(REPO) if f.endswith((".py", ".ipynb"))]
+    sources = [f for f in student_copy.source_files(REPO) if f.endswith((".py", ".ipynb"))]
     for rel, text in texts(REPO, sources).items():
-        if rel not in exercises.INSTRUCTOR_ONLY:
-            regions |= {(r[4], rel) for r in exercises.find_regions(text, rel) if r[0] == "solution"}
+        if rel not in student_copy.INSTRUCTOR_ONLY:
+            regions |= {(r[4], rel) for r in student_copy.find_regions(text, rel) if r[0] == "solution"}
     assert regions == {(e.name, e.file) for e in EXERCISES}
     assert len({e.name for e in EXERCISES}) == len(EXERCISES)
     have_notebooks, defined = any((REPO / "notebooks").glob("*.ipynb")), {}
@@ -119,7 +122,7 @@ def test_exercise_list_matches_solution_regions_checks_and_tests():
 
 def test_instructor_guide_shows_the_generated_exercise_table():
     guide = (REPO / "docs" / "instructor.md").read_text()
-    assert exercises.exercise_table() in guide, "regenerate the table: see docs/instructor.md"
+    assert student_copy.exercise_table() in guide, "regenerate the table: see docs/instructor.md"
 
 
 def test_test_attribution_and_stub_messages():
@@ -149,7 +152,7 @@ def test_strip_regions_stubs_functions_and_methods_and_drops_hidden_tests():
         "class C:", "    def update(self):", "        if True:", "            " + MARKERS[0],
         "            pass", "            " + MARKERS[1], "", MARKERS[2], "def test_secret():", "    pass",
         MARKERS[3], "def test_kept():", "    pass", ""])
-    text, names = exercises.strip_regions(source, "x.py")
+    text, names = student_copy.strip_regions(source, "x.py")
     assert names == ["f", "C.update"]
     assert text == "\n".join([
         "def f(x):", '    """Doc."""', '    raise NotImplementedError("Exercise: f — see the docstring")', "",
@@ -158,7 +161,7 @@ def test_strip_regions_stubs_functions_and_methods_and_drops_hidden_tests():
         "def test_kept():", "    pass", ""])
     for broken in ([MARKERS[0]], [MARKERS[1]], [MARKERS[0], MARKERS[0]], [MARKERS[0], MARKERS[3]]):
         with pytest.raises(exercises.ExerciseError, match="x.py:"):
-            exercises.strip_regions("\n".join(["a = 1"] + broken), "x.py")
+            student_copy.strip_regions("\n".join(["a = 1"] + broken), "x.py")
 
 
 def test_strip_notebook_changes_code_cells_only():
@@ -171,7 +174,7 @@ def test_strip_notebook_changes_code_cells_only():
          "outputs": [{"output_type": "stream", "name": "stdout", "text": ["6\n"]}]},
         {"cell_type": "code", "metadata": {}, "source": loose, "execution_count": None, "outputs": []}],
         "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    text, names = exercises.strip_notebook(json.dumps(notebook), "notebooks/03_ppo.ipynb")
+    text, names = student_copy.strip_notebook(json.dumps(notebook), "notebooks/03_ppo.ipynb")
     cells = json.loads(text)["cells"]
     assert names == ["f", "03_ppo cell 2"]
     assert "".join(cells[0]["source"]) == markdown
@@ -188,14 +191,14 @@ def test_student_copy_has_no_solution_text_and_no_markers(kit):
     # Solution lines, found by a scan independent of the generator's, that occur nowhere
     # else in the repository: none of them may be anywhere in the student copy.
     solution, elsewhere = set(), set()
-    for rel, text in texts(REPO, exercises.source_files(REPO)).items():
-        if rel in exercises.INSTRUCTOR_ONLY:
+    for rel, text in texts(REPO, student_copy.source_files(REPO)).items():
+        if rel in student_copy.INSTRUCTOR_ONLY:
             continue
         inside = False
         for line in text.splitlines():
             stripped = line.strip()
-            if stripped in exercises.SOLUTION:
-                inside = stripped == exercises.SOLUTION[0]
+            if stripped in student_copy.SOLUTION + student_copy.INSTRUCTOR:
+                inside = stripped in (student_copy.SOLUTION[0], student_copy.INSTRUCTOR[0])
             elif len(stripped) >= 12 and not stripped.startswith("#"):
                 (solution if inside else elsewhere).add(stripped)
     secret = solution - elsewhere
@@ -207,7 +210,7 @@ def test_student_copy_has_no_solution_text_and_no_markers(kit):
         assert not [line for line in text.splitlines() if line.strip() in MARKERS], f"{rel}"
         assert "def test_hidden_" not in text, f"{rel}"
     files = set(kit_texts)
-    assert not set(exercises.INSTRUCTOR_ONLY) & files
+    assert not set(student_copy.INSTRUCTOR_ONLY) & files
     assert not [f for f in files if {".git", "runs", "__pycache__", ".venv"} & set(f.split("/"))]
     assert {"minirlhf/losses.py", "tests/test_losses.py", "data/sft_train.jsonl", "pyproject.toml",
             "requirements.txt", "README.md", "docs/metrics.md"} <= files
@@ -215,20 +218,20 @@ def test_student_copy_has_no_solution_text_and_no_markers(kit):
         if rel.endswith(".py"):
             compile(kit_texts[rel], rel, "exec")
     readme = kit_texts["README.md"]
-    assert exercises.exercise_table() in readme and "python -m pytest --exercise" in readme
+    assert student_copy.exercise_table() in readme and "python -m pytest --exercise" in readme
     for e in EXERCISES:
-        assert kit_texts[e.file].count(exercises.stub_line("", e.name, "").strip()) == 1, f"{e.name}"
+        assert kit_texts[e.file].count(student_copy.stub_line("", e.name, "").strip()) == 1, f"{e.name}"
 
 
 def test_make_student_refuses_non_empty_folders_and_student_copies(kit, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(exercises.ExerciseError, match="--overwrite"):
-        exercises.make_student(tmp_path)
+        student_copy.make_student(tmp_path)
     with pytest.raises(exercises.ExerciseError, match="not a student copy"):
-        exercises.make_student(tmp_path, overwrite=True)
+        student_copy.make_student(tmp_path, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(exercises.ExerciseError, match="student copy already"):
-        exercises.make_student(tmp_path / "again", source=kit)
+        student_copy.make_student(tmp_path / "again", source=kit)
     assert not (tmp_path / "again").exists()
 
 
@@ -269,21 +272,13 @@ def test_round_trip_solutions_pass_the_tests_in_the_student_copy(kit, tmp_path):
     assert run.returncode == 0, f"pytest output:\n{run.stdout[-3000:]}"
 
 
-def test_grade_scores_a_half_finished_copy(kit, tmp_path):
-    copy = tmp_path / "kit"
-    shutil.copytree(kit, copy)
-    done = {"attention_reference", "token_logprobs", "sft_loss", "bradley_terry_loss", "ranking_loss", "dpo_loss"}
-    restore(copy, done)
-    lines = []
-    record = exercises.grade(copy, json_path=tmp_path / "grade.json", echo=lines.append)
-    assert json.loads((tmp_path / "grade.json").read_text()) == record
-    scores = {row["name"]: row["score"] for row in record["exercises"]}
-    assert scores == {e.name: float(e.name in done) for e in GRADED}
-    assert record["total"]["points"] == len(done)
-    hidden = [n for row in record["exercises"] for n in row["tests"] if "test_hidden_" in n]
-    assert len(hidden) >= 5, "the hidden tests count"
-    assert set(record["other_tests"]) == {"passed"}
-    assert "total: 6.00 of 12 exercises = 50.0 %" in lines[0]
+def test_no_working_reference_ships(kit):
+    losses_text = (kit / "minirlhf" / "losses.py").read_text()
+    tests_text = (kit / "tests" / "test_losses.py").read_text()
+    assert "def gae_reference" not in losses_text and "gae_reference(" not in tests_text
+    assert "log_softmax(logits, dim=-1).gather" not in tests_text
+    assert "def test_token_logprobs_matches_log_softmax_gather" in tests_text, "the property part stays"
+    assert not (kit / "minirlhf" / "course" / "cases.py").exists() and not (kit / "minirlhf" / "course" / "grade.py").exists()
 
 
 def test_pytest_exercise_option_selects_one_exercise():
@@ -366,5 +361,5 @@ def test_check_reports_an_unfinished_exercise(capsys):
 
 
 def test_checks_do_not_use_the_solutions():
-    source = (REPO / "minirlhf" / "checks.py").read_text()
+    source = (REPO / "minirlhf" / "course" / "checks.py").read_text()
     assert "import minirlhf" not in source and "from minirlhf" not in source

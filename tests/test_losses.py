@@ -28,7 +28,9 @@ from minirlhf.losses import (
     bradley_terry_loss,
     dpo_loss,
     gae,
+    ### BEGIN INSTRUCTOR ONLY
     gae_reference,
+    ### END INSTRUCTOR ONLY
     kl_penalized_rewards,
     kl_penalty,
     masked_mean,
@@ -190,18 +192,28 @@ def test_token_logprobs_matches_log_softmax_gather():
     generator = torch.Generator().manual_seed(0)
     logits = 5 * torch.randn(3, 4, 11, generator=generator)
     targets = torch.randint(0, 11, (3, 4), generator=generator)
+    ### BEGIN INSTRUCTOR ONLY
     expected = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(token_logprobs(logits, targets), expected)
     # And one entry by hand, in float64.
     logits64 = logits.double()
     hand = logits64[1, 2, targets[1, 2]] - torch.log(torch.exp(logits64[1, 2]).sum())
     assert token_logprobs(logits, targets)[1, 2].item() == pytest.approx(hand.item(), rel=1e-5)
+    ### END INSTRUCTOR ONLY
+    # Properties (the student copy keeps only these): over every target the probabilities sum
+    # to one, and adding a constant to a position's logits changes nothing.
+    every = logits.unsqueeze(2).expand(3, 4, 11, 11).reshape(3, 44, 11)  # (B, T·V, V)
+    all_targets = torch.arange(11).repeat(3, 4)  # (B, T·V)
+    total = token_logprobs(every, all_targets).reshape(3, 4, 11).exp().sum(-1)  # (B, T)
+    torch.testing.assert_close(total, torch.ones(3, 4))
+    torch.testing.assert_close(token_logprobs(logits + 7.0, targets), token_logprobs(logits, targets))
 
 
 # ---------------------------------------------------------------------------------------
 # Layer 2: properties and references.
 
 
+### BEGIN INSTRUCTOR ONLY
 @pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0), (0.8, 0.0)])
 def test_gae_matches_reference_on_random_masks(gamma, lam):
     generator = torch.Generator().manual_seed(1)
@@ -215,6 +227,7 @@ def test_gae_matches_reference_on_random_masks(gamma, lam):
     torch.testing.assert_close(adv, ref_adv)
     torch.testing.assert_close(ret, ref_ret)
     assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+### END INSTRUCTOR ONLY
 
 
 def test_gae_lambda_one_is_discounted_return_minus_value():

@@ -107,7 +107,7 @@ def used_names(source):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_exercise_cells_are_not_needed_later(path):
-    from minirlhf.exercises import strip_notebook
+    from minirlhf.course.student_copy import strip_notebook
     _, stubbed = strip_notebook(path.read_text(encoding="utf-8"), str(path.relative_to(REPO)))
     sources = [cell.source for cell in code_cells(read(path))]
     exercise_cells = [i for i, source in enumerate(sources) if "### BEGIN SOLUTION" in source]

@@ -6,6 +6,9 @@ python's math module, never by calling minirlhf's own solution (in a student cop
 the stub being written). It prints one line, ✓ when every case matches, or the first case
 that differs with its inputs, the expected values and what `fn` returned; and returns
 True or False. The full tests (`python -m pytest --exercise NAME`) check much more.
+
+`<name>_cases()` returns the cases as data, `(title, inputs, expected[, tolerance])`: the
+instructor's grader checks the same hand-computed values, and more.
 """
 import math
 
@@ -106,8 +109,8 @@ def _t(rows, dtype=torch.float32):
 # Supervised fine-tuning.
 
 
-def check_token_logprobs(fn):
-    return _run("token_logprobs", fn, _output, [
+def token_logprobs_cases():
+    return [
         ("uniform and tilted rows", dict(logits=_t([[[0.0, 0.0], [0.0, math.log(3.0)]]]), targets=_t([[0, 1]], torch.long)),
          # (0, 0): p = 1/2; (0, ln 3): p(1) = 3 / (1 + 3) = 3/4.
          {"output": _t([[math.log(0.5), math.log(0.75)]])}),
@@ -116,12 +119,16 @@ def check_token_logprobs(fn):
          {"output": _t([[-math.log(1 + math.exp(-1) + math.exp(-2))], [-math.log(3.0)]])}),
         ("large logits stay finite", dict(logits=_t([[[1000.0, 0.0]]]), targets=_t([[1]], torch.long)),
          {"output": _t([[-1000.0]])}),  # log(e⁰ / (e¹⁰⁰⁰ + 1)) ≈ −1000
-    ])
+    ]
 
 
-def check_sft_loss(fn):
+def check_token_logprobs(fn):
+    return _run("token_logprobs", fn, _output, token_logprobs_cases())
+
+
+def sft_loss_cases():
     half, three_quarters = -math.log(0.5), -math.log(0.75)  # NLL of p = 1/2 and p = 3/4
-    return _run("sft_loss", fn, _loss, [
+    return [
         ("masked position ignored", dict(logits=_t([[[0.0, 0.0], [0.0, math.log(3.0)], [50.0, -50.0]]]),
                                          targets=_t([[0, 1, 1]], torch.long), mask=_t([[1.0, 1.0, 0.0]])),
          {"loss": (half + three_quarters) / 2, "sft/tokens": 2.0}),
@@ -129,15 +136,19 @@ def check_sft_loss(fn):
          dict(logits=_t([[[0.0, 0.0], [0.0, 0.0]], [[0.0, math.log(3.0)], [0.0, math.log(3.0)]]]),
               targets=_t([[0, 0], [1, 1]], torch.long), mask=_t([[1.0, 0.0], [1.0, 1.0]])),
          {"loss": (half + 2 * three_quarters) / 3, "sft/tokens": 3.0}),
-    ])
+    ]
+
+
+def check_sft_loss(fn):
+    return _run("sft_loss", fn, _loss, sft_loss_cases())
 
 
 # ---------------------------------------------------------------------------------------
 # Reward models.
 
 
-def check_bradley_terry_loss(fn):
-    return _run("bradley_terry_loss", fn, _loss, [
+def bradley_terry_loss_cases():
+    return [
         ("equal rewards", dict(chosen_rewards=_t([0.3, -2.0]), rejected_rewards=_t([0.3, -2.0])),
          {"loss": math.log(2.0), "accuracy": 0.0, "rewards/margins": 0.0}),  # σ(0) = 1/2; ties are wrong
         ("margins +1 and −1", dict(chosen_rewards=_t([2.0, 0.0]), rejected_rewards=_t([1.0, 1.0])),
@@ -145,28 +156,36 @@ def check_bradley_terry_loss(fn):
           "rewards/rejected": 1.0, "rewards/margins": 0.0}),
         ("a hopeless margin is finite", dict(chosen_rewards=_t([-1e4]), rejected_rewards=_t([0.0])),
          {"loss": 1e4, "accuracy": 0.0}),  # −log σ(−10⁴) ≈ 10⁴, not inf
-    ])
+    ]
 
 
-def check_ranking_loss(fn):
+def check_bradley_terry_loss(fn):
+    return _run("bradley_terry_loss", fn, _loss, bradley_terry_loss_cases())
+
+
+def ranking_loss_cases():
     ordered = (2 * _softplus(-1) + _softplus(-2)) / 3  # pairs (0,1), (0,2), (1,2): margins 1, 2, 1
     reversed_ = (2 * _softplus(1) + _softplus(2)) / 3  # margins −1, −2, −1
-    return _run("ranking_loss", fn, _loss, [
+    return [
         ("K = 2 is Bradley-Terry", dict(rewards=_t([[2.0, 1.0]])), {"loss": _softplus(-1), "accuracy": 1.0}),
         ("K = 3, ordered", dict(rewards=_t([[2.0, 1.0, 0.0]])), {"loss": ordered, "accuracy": 1.0}),
         ("K = 3, ordered and reversed rows", dict(rewards=_t([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])),
          {"loss": (ordered + reversed_) / 2, "accuracy": 0.5}),
-    ])
+    ]
+
+
+def check_ranking_loss(fn):
+    return _run("ranking_loss", fn, _loss, ranking_loss_cases())
 
 
 # ---------------------------------------------------------------------------------------
 # PPO: KL penalty, rewards, advantages, losses, the adaptive coefficient.
 
 
-def check_kl_penalty(fn):
+def kl_penalty_cases():
     lp, ref = _t([[-1.0, -2.0]]), _t([[-2.0, -1.0]])  # d = (1, −1)
     tiny = _t([[1e-7, -1e-7]])
-    return _run("kl_penalty", fn, _output, [
+    return [
         ("k1 = d", dict(logprobs=lp, ref_logprobs=ref, estimator="k1"), {"output": _t([[1.0, -1.0]])}),
         ("k2 = d²/2", dict(logprobs=lp, ref_logprobs=ref, estimator="k2"), {"output": _t([[0.5, 0.5]])}),
         ("k3 = e⁻ᵈ − 1 + d", dict(logprobs=lp, ref_logprobs=ref, estimator="k3"),
@@ -174,14 +193,18 @@ def check_kl_penalty(fn):
         # For tiny d, k3 ≈ d²/2 = 5e-15; exp(−d) − 1 + d in float32 gives about −2e-8.
         ("k3 for tiny d in float32", dict(logprobs=tiny, ref_logprobs=torch.zeros(1, 2), estimator="k3"),
          {"output": _t([[5e-15, 5e-15]])}, (1e-3, 0.0)),
-    ])
+    ]
 
 
-def check_kl_penalized_rewards(fn):
+def check_kl_penalty(fn):
+    return _run("kl_penalty", fn, _output, kl_penalty_cases())
+
+
+def kl_penalized_rewards_cases():
     lp = _t([[-1.0, -2.0, -3.0], [-0.5, -1.0, -1.0], [-1.0, -1.0, -1.0]])
     ref = _t([[-1.5, -1.0, -3.0], [-1.0, -1.0, -1.0], [0.0, 0.0, 0.0]])
     mask = _t([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])  # the last row is empty
-    return _run("kl_penalized_rewards", fn, _output, [
+    return [
         # Row 0: d = (0.5, −1) on the run: −0.2·d = (−0.1, 0.2), score 1 at the last token.
         # Row 1: d = 0 on the run, score −2 at position 2. Row 2: nothing on the mask.
         ("k1", dict(scores=_t([1.0, -2.0, 5.0]), logprobs=lp, ref_logprobs=ref, mask=mask, kl_coef=0.2),
@@ -190,7 +213,11 @@ def check_kl_penalized_rewards(fn):
         ("k2", dict(scores=_t([1.0, -2.0, 5.0]), logprobs=lp, ref_logprobs=ref, mask=mask, kl_coef=0.2,
                     estimator="k2"),
          {"output": _t([[-0.025, 0.9, 0.0], [0.0, 0.0, -2.0], [0.0, 0.0, 0.0]])}),
-    ])
+    ]
+
+
+def check_kl_penalized_rewards(fn):
+    return _run("kl_penalized_rewards", fn, _output, kl_penalized_rewards_cases())
 
 
 def _pair(fn, inputs):
@@ -198,10 +225,10 @@ def _pair(fn, inputs):
     return {"advantages": advantages, "returns": returns}
 
 
-def check_gae(fn):
+def gae_cases():
     f64 = torch.float64
     junk = 1e6
-    return _run("gae", fn, _pair, [
+    return [
         # γ = 0.9, λ = 0.8 (γλ = 0.72). δ2 = 2 − 1.5 = 0.5 (the episode ends: no V after it),
         # δ1 = 0 + 0.9·1.5 − 1 = 0.35, δ0 = 1 + 0.9·1 − 0.5 = 1.4.
         # A2 = 0.5, A1 = 0.35 + 0.72·0.5 = 0.71, A0 = 1.4 + 0.72·0.71 = 1.9112; R = A + V.
@@ -219,12 +246,16 @@ def check_gae(fn):
                                           mask=_t([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]), gamma=1.0, lam=0.5),
          {"advantages": _t([[0.125, 0.75, 0.0], [0.0, 0.5, 1.0]], f64),
           "returns": _t([[0.625, 1.0, 0.0], [0.0, 1.5, 2.0]], f64)}),
-    ])
+    ]
 
 
-def check_ppo_policy_loss(fn):
+def check_gae(fn):
+    return _run("gae", fn, _pair, gae_cases())
+
+
+def ppo_policy_loss_cases():
     ratios = [1.5, 0.5, 0.5, 1.5]
-    return _run("ppo_policy_loss", fn, _loss, [
+    return [
         ("ratio 1: the loss is −mean(A) on the mask",
          dict(logprobs=_t([[-1.0, -2.0, -0.5, -3.0]]), old_logprobs=_t([[-1.0, -2.0, -0.5, -3.0]]),
               advantages=_t([[1.0, -3.0, 0.5, 100.0]]), mask=_t([[1.0, 1.0, 1.0, 0.0]])),
@@ -236,11 +267,15 @@ def check_ppo_policy_loss(fn):
               advantages=_t([[1.0, -1.0, 1.0, -1.0]]), mask=torch.ones(1, 4), clip_eps=0.2),
          {"loss": 0.15, "policy/clipfrac": 0.5,
           "policy/approx_kl": sum(r - 1 - math.log(r) for r in ratios) / 4}),
-    ])
+    ]
 
 
-def check_ppo_value_loss(fn):
-    return _run("ppo_value_loss", fn, _loss, [
+def check_ppo_policy_loss(fn):
+    return _run("ppo_policy_loss", fn, _loss, ppo_policy_loss_cases())
+
+
+def ppo_value_loss_cases():
+    return [
         # v − old = (0.1, 0.5); ε = 0.2 clips the second to 0.2. Token 0: (1.1 − 2)² = 0.81 both ways;
         # token 1: max(0.5², 0.2²) = 0.25, the unclipped term. Loss 0.5·(0.81 + 0.25)/2.
         ("the unclipped term is larger", dict(values=_t([[1.1, 0.5]]), old_values=_t([[1.0, 0.0]]),
@@ -251,25 +286,29 @@ def check_ppo_value_loss(fn):
         ("the clipped term is larger", dict(values=_t([[1.0, 1.0, 9.0]]), old_values=torch.zeros(1, 3),
                                             returns=_t([[0.9, -1.0, 0.0]]), mask=_t([[1.0, 1.0, 0.0]]), clip_eps=0.2),
          {"loss": 1.1225, "val/clipfrac": 0.5, "val/mean": 1.0}),
-    ])
+    ]
 
 
-def check_adaptive_kl(cls):
-    """`cls` is the controller class: cls(init_kl_coef, target, horizon) with .update and .value."""
+def check_ppo_value_loss(fn):
+    return _run("ppo_value_loss", fn, _loss, ppo_value_loss_cases())
 
-    def run(cls, inputs):
-        controller = cls(**inputs["init"])
-        results = {}
-        for i, (kl, n_steps) in enumerate(inputs["updates"]):
-            results[f"update {i + 1} returns"] = controller.update(kl, n_steps)
-            results[f"value after {i + 1}"] = controller.value
-        return results
 
+def _controller(cls, inputs):
+    """Results of a controller class: construct with inputs["init"], then .update per inputs["updates"]."""
+    controller = cls(**inputs["init"])
+    results = {}
+    for i, (kl, n_steps) in enumerate(inputs["updates"]):
+        results[f"update {i + 1} returns"] = controller.update(kl, n_steps)
+        results[f"value after {i + 1}"] = controller.value
+    return results
+
+
+def adaptive_kl_cases():
     # β = 0.1, target 6, horizon 10⁴, 100 steps each: e = 7/6 − 1 (unclipped), then +0.2, −0.2, 0.
     b1 = 0.1 * (1 + (7 / 6 - 1) * 0.01)
     b2 = b1 * (1 + 0.2 * 0.01)
     b3 = b2 * (1 - 0.2 * 0.01)
-    return _run("AdaptiveKLController.update", cls, run, [
+    return [
         ("above, far above, far below, on target",
          dict(init=dict(init_kl_coef=0.1, target=6.0, horizon=10_000), updates=[(7.0, 100), (60.0, 100), (0.0, 100),
                                                                                  (6.0, 100)]),
@@ -278,21 +317,26 @@ def check_adaptive_kl(cls):
         ("half a horizon at 10 % over", dict(init=dict(init_kl_coef=1.0, target=1.0, horizon=100),
                                              updates=[(1.1, 50)]),
          {"update 1 returns": 1.05, "value after 1": 1.05}),  # 1·(1 + 0.1·50/100)
-    ])
+    ]
+
+
+def check_adaptive_kl(cls):
+    """`cls` is the controller class: cls(init_kl_coef, target, horizon) with .update and .value."""
+    return _run("AdaptiveKLController.update", cls, _controller, adaptive_kl_cases())
 
 
 # ---------------------------------------------------------------------------------------
 # DPO.
 
 
-def check_dpo_loss(fn):
+def dpo_loss_cases():
     # β = 0.5 and h = (−1 − 0) − (−3 − 0) = 2, so βh = 1: −log σ(1) = softplus(−1).
     one = dict(policy_chosen_logps=_t([-1.0]), policy_rejected_logps=_t([-3.0]),
                ref_chosen_logps=_t([0.0]), ref_rejected_logps=_t([0.0]), beta=0.5)
     equal = dict(policy_chosen_logps=_t([-3.0, -7.5]), policy_rejected_logps=_t([-4.0, -2.0]),
                  ref_chosen_logps=_t([-3.0, -7.5]), ref_rejected_logps=_t([-4.0, -2.0]), beta=0.1)
     agree, disagree = _softplus(-1), _softplus(1)
-    return _run("dpo_loss", fn, _loss, [
+    return [
         ("policy = reference", equal, {"loss": math.log(2.0), "rewards/margins": 0.0, "rewards/accuracies": 0.0}),
         ("sigmoid, βh = 1", one, {"loss": agree, "rewards/chosen": -0.5, "rewards/rejected": -1.5,
                                   "rewards/margins": 1.0, "rewards/accuracies": 1.0}),
@@ -303,14 +347,18 @@ def check_dpo_loss(fn):
         ("hinge, policy = reference", {**equal, "loss_type": "hinge"}, {"loss": 1.0}),
         ("ipo, h = 2, β = 0.5", {**one, "loss_type": "ipo"}, {"loss": 1.0}),  # (2 − 1/(2·0.5))²
         ("ipo, policy = reference", {**equal, "loss_type": "ipo"}, {"loss": 25.0}),  # (0 − 5)²
-    ])
+    ]
+
+
+def check_dpo_loss(fn):
+    return _run("dpo_loss", fn, _loss, dpo_loss_cases())
 
 
 # ---------------------------------------------------------------------------------------
 # Attention.
 
 
-def check_attention(fn):
+def attention_cases():
     """`fn(q, k, v, mask)` as attention_reference: q, k, v (B, nh, T, hs), mask (B, 1, Tq, Tk)."""
     # B = 1, nh = 2, T = 3, hs = 4 (scale 1/√4 = 1/2). Key 1 is padding: hidden from query 2,
     # visible only to itself. Head 0: query 1 scores keys (0, 1) as (0, 2)/2 → weights σ(−1), σ(1);
@@ -322,8 +370,12 @@ def check_attention(fn):
     mask = torch.tensor([[[[True, False, False], [True, True, False], [True, False, True]]]])
     expected = _t([[[[1, 0, 0, 2], [_sigmoid(-1), _sigmoid(1), 0, 2], [_sigmoid(2), 0, _sigmoid(-2), 2]],
                    [[4, 0, 0, 0], [2, 2, 0, 0], [2, 0, 2, 0]]]])
-    return _run("attention_reference", fn, _output, [
+    return [
         ("two heads, causal mask with a padded key", dict(q=q, k=k, v=v, mask=mask), {"output": expected}),
         ("one query (a cached generation step) against all keys", dict(q=q[:, :, 2:], k=k, v=v, mask=mask[:, :, 2:]),
          {"output": expected[:, :, 2:]}),
-    ])
+    ]
+
+
+def check_attention(fn):
+    return _run("attention_reference", fn, _output, attention_cases())
