@@ -35,7 +35,6 @@ Export needs the `hf` extra (`pip install -e ".[hf]"`: safetensors, tokenizers, 
 transformers to load the result); the kit itself does not.
 """
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -45,6 +44,7 @@ from minirlhf.common import ConfigError, load_torch
 from minirlhf.tokenizer import DEFAULT_RANKS_PATH, EOT, PATTERN, load_ranks
 
 PAD = "<|pad|>"  # the reward model's pad token (see the module docstring)
+FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
 
 # ---------------------------------------------------------------------------
@@ -220,10 +220,13 @@ def export(run_dir, out_dir, overwrite=False, ranks_path=DEFAULT_RANKS_PATH):
         raise ConfigError(f"{run_dir}: the model's vocabulary ({config.vocab_size}) does not match the "
                           f"tokenizer's ({len(ranks) + 1}); was data/ retrained after this model?")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out_dir} already exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out_dir)
+        for name in FILES:  # only what an export writes: --out might be any folder
+            (out_dir / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     eot_id = len(ranks)
