@@ -132,7 +132,7 @@ def hf_config(config, kind, eot_id, pad_id):
         "initializer_range": 0.02,
         "tie_word_embeddings": True,
         "bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": pad_id,
-        "torch_dtype": "float32",
+        "dtype": "float32",
     }
     if kind == "reward":
         hf.update(num_labels=1, id2label={"0": "reward"}, label2id={"reward": 0}, problem_type="regression")
