@@ -34,13 +34,13 @@ The reward model needs two changes that compute the same number:
 Export needs the `hf` extra (`pip install -e ".[hf]"`: safetensors, tokenizers, and
 transformers to load the result); the kit itself does not.
 """
-import json
+import os
 from pathlib import Path
 
 import torch
 
 from minirlhf.checkpoints import model_config
-from minirlhf.common import ConfigError, load_torch
+from minirlhf.common import ConfigError, atomic_write_text, load_torch, write_json
 from minirlhf.tokenizer import DEFAULT_RANKS_PATH, EOT, PATTERN, load_ranks
 
 PAD = "<|pad|>"  # the reward model's pad token (see the module docstring)
@@ -237,12 +237,14 @@ def export(run_dir, out_dir, overwrite=False, ranks_path=DEFAULT_RANKS_PATH):
         wte = tensors["transformer.wte.weight"]
         tensors["transformer.wte.weight"] = torch.cat([wte, torch.zeros(1, wte.size(1))])  # <|pad|>'s row
         pad_token, pad_id = PAD, eot_id + 1
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(config, kind, eot_id, pad_id), indent=2) + "\n")
-    build_tokenizer(ranks, None if kind == "lm" else PAD).save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps(tokenizer_config(pad_token, config.block_size), indent=2) + "\n")
+    tmp = out_dir / "model.safetensors.tmp"  # every file is written whole or not at all
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / "model.safetensors")
+    write_json(out_dir / "config.json", hf_config(config, kind, eot_id, pad_id))
+    tokenizer = build_tokenizer(ranks, None if kind == "lm" else PAD)
+    atomic_write_text(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
+    write_json(out_dir / "tokenizer_config.json", tokenizer_config(pad_token, config.block_size))
     if kind == "lm":
-        generation = {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
-        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_json(out_dir / "generation_config.json",
+                   {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id})
     return kind
