@@ -238,6 +238,33 @@ def frontier_flags(p):
                    help="a finished `run` folder whose sft/, prefs/ and rm/ are reused (default: train them)")
 
 
+def cmd_export(args):
+    from minirlhf.export import export
+    kind = export(args.model, args.out, overwrite=args.overwrite)
+    loader = "AutoModelForCausalLM" if kind == "lm" else "AutoModelForSequenceClassification"
+    print(f"wrote {args.out}: load it with transformers' {loader}.from_pretrained and "
+          f"AutoTokenizer.from_pretrained (docs/scale.md)")
+
+
+def export_flags(p):
+    p.add_argument("--model", required=True, help="a stage folder with model.pt: sft, ppo, dpo (a GPT2LMHeadModel) "
+                                                  "or rm (a one-label GPT2ForSequenceClassification)")
+    p.add_argument("--out", required=True, help="folder to write the Hugging Face checkpoint into")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
+
+def version():
+    """The installed package's version; from a plain checkout, the one pyproject.toml declares."""
+    from importlib import metadata
+    try:
+        return metadata.version("minirlhf")
+    except metadata.PackageNotFoundError:
+        import re
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        found = re.search(r'^version = "(.+)"', pyproject.read_text(), re.M) if pyproject.exists() else None
+        return found.group(1) if found else "unknown"
+
+
 # ---------------------------------------------------------------------------
 # The command table: name -> (function, help, extra flags)
 
@@ -344,6 +371,8 @@ COMMANDS = {
     "frontier": (cmd_frontier, "the reward-vs-KL frontier sweep of DPO, PPO and baselines (DPO paper Fig. 2)",
                  frontier_flags),
     "sample": (cmd_sample, "sample completions from a trained model folder", sample_flags),
+    "export": (cmd_export, "a Hugging Face checkpoint of a stage folder, to continue in transformers and TRL",
+               export_flags),
     "make-student": (cmd_make_student, "instructors: write a student copy, solutions replaced by stubs",
                      make_student_flags),
     "grade": (cmd_grade, "instructors: score a student copy, or a class into a CSV gradebook (sandboxed)",
@@ -354,6 +383,7 @@ COMMANDS = {
 def make_parser():
     parser = argparse.ArgumentParser(prog="python -m minirlhf", description="minirlhf: RLHF built from scratch")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"minirlhf {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text, add_flags) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
