@@ -27,6 +27,7 @@ from minirlhf.dpo import FAST as DPO_FAST, DPOConfig, train_dpo
 from minirlhf.course import exercises
 from minirlhf.course.exercises import ExerciseError, unfinished_message
 from minirlhf.course.student_copy import make_student
+from minirlhf.export import export
 from minirlhf.experiments import FAST as FRONTIER_FAST, FrontierConfig, run_frontier
 from minirlhf.pipeline import run_pipeline
 from minirlhf.ppo import FAST as PPO_FAST, PPOConfig, train_ppo
@@ -239,7 +240,6 @@ def frontier_flags(p):
 
 
 def cmd_export(args):
-    from minirlhf.export import export
     kind = export(args.model, args.out, overwrite=args.overwrite)
     loader = "AutoModelForCausalLM" if kind == "lm" else "AutoModelForSequenceClassification"
     print(f"wrote {args.out}: load it with transformers' {loader}.from_pretrained and "

@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 from minirlhf.checkpoints import model_config
-from minirlhf.common import ConfigError, atomic_write_text, load_torch, write_json
+from minirlhf.config import ConfigError
+from minirlhf.files import atomic_write_text, load_torch, write_json
 from minirlhf.tokenizer import DEFAULT_RANKS_PATH, EOT, PATTERN, load_ranks
 
 PAD = "<|pad|>"  # the reward model's pad token (see the module docstring)
