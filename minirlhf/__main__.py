@@ -162,6 +162,16 @@ def ppo_flags(p):
                    "data/prompts_train.jsonl; the same as --set prompts=FILE)")
 
 
+def cmd_grpo(args):
+    from minirlhf.grpo import FAST, GRPOConfig, train_grpo
+    extra = {**({"reward": args.reward} if args.reward else {}), **({"prompts": args.data} if args.data else {})}
+    config = build_config(GRPOConfig(), FAST, args, extra=extra)
+    out = out_dir(args)
+    summary = train_grpo(config, args.sft, args.rm, out, device=common.pick_device(args.device), resume=args.resume,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    print_summary(summary, out)
+
+
 def cmd_dpo(args, stage="dpo"):
     from minirlhf.dpo import FAST, DPOConfig, train_dpo
     from minirlhf.baselines import PREFERRED_FT, PREFERRED_FT_FAST
@@ -304,6 +314,8 @@ COMMANDS = {
     "collect": (cmd_collect, "step 2: simulated labelers rank samples of the SFT model", collect_flags),
     "rm": (cmd_rm, "step 2: a reward model learns the preferences (--set loss=pairwise|ranking)", rm_flags),
     "ppo": (cmd_ppo, "step 3: RLHF with PPO against the reward model", ppo_flags),
+    "grpo": (cmd_grpo, "step 3 without a critic: GRPO, Dr. GRPO, RLOO or REINFORCE++ (--set advantage=...; "
+                       "docs/grpo.md)", ppo_flags),
     "dpo": (cmd_dpo, "the direct alternative: DPO on the preference pairs, plus an NLL term on the "
                      "chosen (RPO; --set nll_coef=0 beta=1 lr=2e-4: the paper's loss; --set loss_type=...)",
             dpo_flags),
