@@ -131,3 +131,27 @@ def test_bad_input_is_one_line_listing_the_choices(tmp_path, capsys, sets, messa
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_run_resumes_to_the_same_summary(tmp_path, monkeypatch):
+    import os
+    import signal
+    config = common.apply_overrides(GRPOConfig(), dict(TINY, iterations=6, eval_every=2, rollout_batch=16,
+                                                       n_periodic_eval=8, n_eval_samples=16, max_new_tokens=16))
+    run = lambda out, **kw: train_grpo(config, tiny_sft_dir(), None, tmp_path / out, progress=False, **kw)
+    whole = run("whole")
+    real, sent = common.check_finite, []
+
+    def check_finite(loss, step, out_dir=None):   # a real SIGINT at iteration 3, caught by GracefulStop
+        if step >= 3 and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(loss, step, out_dir)
+    monkeypatch.setattr(common, "check_finite", check_finite)
+    with pytest.raises(common.Interrupted, match="--resume"):
+        run("cut")
+    monkeypatch.undo()
+    assert common.load_torch(tmp_path / "cut" / "checkpoint.pt")["step"] == 3
+    resumed = run("cut", resume=True)
+    drop = lambda summary: {k: v for k, v in summary.items() if k != "train/seconds"}
+    assert drop(resumed) == drop(whole)
