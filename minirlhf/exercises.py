@@ -65,6 +65,7 @@ class Exercise:
 
 _L = "tests/test_losses.py::"
 _M = "tests/test_model.py::"
+_C = "tests/test_losses_critic_free.py::"
 EXERCISES = (
     Exercise("attention_reference", "minirlhf/model.py", 2, "notebooks/01_tiny_gpt_and_sft.ipynb", "check_attention", (
         _M + "test_sdpa_equals_reference_attention_with_padding_mask",
@@ -95,7 +96,11 @@ EXERCISES = (
         _L + "test_gae_lambda_one_is_discounted_return_minus_value", _L + "test_gae_lambda_zero_is_td_error")),
     Exercise("ppo_policy_loss", "minirlhf/losses.py", 2, "notebooks/03_ppo_rlhf.ipynb", "check_ppo_policy_loss", (
         _L + "test_ppo_policy_loss_at_ratio_one_is_minus_mean_advantage",
-        _L + "test_ppo_policy_loss_has_zero_gradient_where_the_clip_binds", _L + "test_gradcheck_ppo_losses")),
+        _L + "test_ppo_policy_loss_has_zero_gradient_where_the_clip_binds", _L + "test_gradcheck_ppo_losses",
+        # clip_eps_high and aggregation (the critic-free extension)
+        _C + "test_clip_eps_high_none_is_todays_loss_bit_for_bit", _C + "test_clip_higher_lets_positive_advantages_grow_further",
+        _C + "test_sequence_aggregation_with_an_empty_row_is_finite",
+        _C + "test_equal_rewards_give_zero_advantages_and_zero_gradient")),
     Exercise("ppo_value_loss", "minirlhf/losses.py", 2, "notebooks/03_ppo_rlhf.ipynb", "check_ppo_value_loss", (
         _L + "test_ppo_value_loss_hand_computed", _L + "test_ppo_value_loss_has_zero_gradient_where_the_clip_binds",
         _L + "test_gradcheck_ppo_losses")),
@@ -115,6 +120,18 @@ EXERCISES = (
     Exercise("bayes_ceiling", "notebooks/02_reward_model.ipynb", 2, "notebooks/02_reward_model.ipynb", "", ()),
     Exercise("per_token_rewards", "notebooks/03_ppo_rlhf.ipynb", 2, "notebooks/03_ppo_rlhf.ipynb", "", ()),
     Exercise("dpo_pair_gradient", "notebooks/04_dpo.ipynb", 3, "notebooks/04_dpo.ipynb", "", ()),
+    # Critic-free RL (docs/grpo.md); notebook 06_grpo is not written yet, 03 introduces the clipped loss.
+    Exercise("group_advantages", "minirlhf/losses.py", 1, "notebooks/03_ppo_rlhf.ipynb", "check_group_advantages", (
+        _C + "test_group_advantages_by_hand", _C + "test_group_advantages_sum_to_zero_per_group",
+        _C + "test_rloo_is_g_over_g_minus_1_times_dr_grpo", _C + "test_advantages_match_naive_loops",
+        _C + "test_equal_rewards_give_zero_advantages_and_zero_gradient")),
+    Exercise("rloo_advantages", "minirlhf/losses.py", 1, "notebooks/03_ppo_rlhf.ipynb", "check_rloo_advantages", (
+        _C + "test_rloo_advantages_by_hand", _C + "test_rloo_is_g_over_g_minus_1_times_dr_grpo",
+        _C + "test_advantages_match_naive_loops", _C + "test_equal_rewards_give_zero_advantages_and_zero_gradient")),
+    Exercise("masked_aggregate", "minirlhf/losses.py", 2, "notebooks/03_ppo_rlhf.ipynb", "check_masked_aggregate", (
+        _C + "test_aggregations_by_hand", _C + "test_sequence_and_token_aggregation_agree_when_lengths_are_equal",
+        _C + "test_lengths_weigh_differently_under_each_aggregation", _C + "test_aggregation_matches_naive_loop",
+        _C + "test_sequence_aggregation_with_an_empty_row_is_finite")),
 )
 
 HIDDEN_TESTS = {}  # exercise name -> hidden test ids; filled in the instructor's copy only

@@ -471,19 +471,22 @@ def masked_aggregate(x, mask, aggregation="token", max_tokens=None):
                 whatever its response's length, and the weight does not depend on the batch.
     Raises ValueError for an unknown name, or "constant" without max_tokens > 0.
 
-    Hint: masked_mean(x, mask, dim=1) gives one mean per row; for the sum, select the
-    masked entries with torch.where so off-mask inf or NaN cannot leak in.
+    Hint: "token" is written for you. masked_mean(x, mask, dim=1) gives one mean per row;
+    for the sum, select the masked entries with torch.where so off-mask inf or NaN cannot
+    leak in.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
     if aggregation == "constant" and not (max_tokens is not None and max_tokens > 0):
         raise ValueError(f"aggregation='constant' needs max_tokens > 0, got {max_tokens}")
-    if aggregation == "token":
+    if aggregation == "token":  # today's PPO loss: outside the exercise, so ppo_policy_loss never waits on it
         return masked_mean(x, mask)
+    ### BEGIN SOLUTION
     if aggregation == "sequence":
         return masked_mean(x, mask, dim=1).mean()  # (B,) row means, then their mean
     total = torch.where(mask.to(x.dtype) > 0, x, torch.zeros_like(x)).sum()
     return total / (x.shape[0] * max_tokens)
+    ### END SOLUTION
 
 
 def masked_aggregate_reference(x, mask, aggregation="token", max_tokens=None):
@@ -516,14 +519,17 @@ def group_advantages(rewards, scale_std=True, eps=1e-6, unbiased=False):
     the division by std rescales each prompt and is not unbiased (docs/grpo.md).
     A group whose rewards are all equal gets advantages exactly 0 (no learning signal).
 
-    Hint: mean and std over dim=1 with keepdim=True, so they broadcast over the G.
+    Hint: mean and std over dim=1 with keepdim=True, so they broadcast over the G; then
+    torch.where(_equal_groups(rewards), 0, …) makes equal groups exactly 0.
     """
+    ### BEGIN SOLUTION
     centred = rewards - rewards.mean(dim=1, keepdim=True)  # (B, G)
     if scale_std:
         std = rewards.std(dim=1, keepdim=True, correction=1 if unbiased else 0)  # (B, 1)
         centred = centred / (std + eps)
     # Equal rewards: r − mean can be ±1 ulp instead of 0 (the mean rounds); make it 0.
     return torch.where(_equal_groups(rewards), torch.zeros_like(centred), centred)
+    ### END SOLUTION
 
 
 def group_advantages_reference(rewards, scale_std=True, eps=1e-6, unbiased=False):
@@ -550,14 +556,17 @@ def rloo_advantages(rewards):
     estimate stays exactly unbiased; algebraically it is G/(G−1)·(r_i − mean_g).
     Equal rewards give exactly 0. Raises ValueError for G < 2.
 
-    Hint: the sum of the others is rewards.sum(1, keepdim=True) − rewards.
+    Hint: the sum of the others is rewards.sum(1, keepdim=True) − rewards; equal groups
+    as in group_advantages.
     """
     G = rewards.shape[1]
     if G < 2:
         raise ValueError(f"rloo_advantages needs G >= 2 responses per prompt, got G={G}")
+    ### BEGIN SOLUTION
     others = (rewards.sum(dim=1, keepdim=True) - rewards) / (G - 1)  # (B, G) leave-one-out means
     advantages = rewards - others
     return torch.where(_equal_groups(rewards), torch.zeros_like(advantages), advantages)
+    ### END SOLUTION
 
 
 def rloo_advantages_reference(rewards):

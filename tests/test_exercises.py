@@ -283,7 +283,7 @@ def test_grade_scores_a_half_finished_copy(kit, tmp_path):
     hidden = [n for row in record["exercises"] for n in row["tests"] if "test_hidden_" in n]
     assert len(hidden) >= 5, "the hidden tests count"
     assert set(record["other_tests"]) == {"passed"}
-    assert "total: 6.00 of 12 exercises = 50.0 %" in lines[0]
+    assert "total: 6.00 of 15 exercises = 40.0 %" in lines[0]
 
 
 def test_pytest_exercise_option_selects_one_exercise():
@@ -338,6 +338,11 @@ WRONG = {
                              losses.ppo_value_loss(values, old_values, returns, mask, clip_eps=1e9)),
     "check_dpo_loss": (losses.dpo_loss, _wrong_dpo),
     "check_adaptive_kl": (losses.AdaptiveKLController, NoClipController),
+    "check_group_advantages": (losses.group_advantages, lambda rewards, scale_std=True, eps=1e-6, unbiased=False: (
+        rewards - rewards.mean(1, keepdim=True)) / ((rewards.std(1, keepdim=True) + eps) if scale_std else 1)),  # always G−1
+    "check_rloo_advantages": (losses.rloo_advantages, lambda rewards: rewards - rewards.mean(1, keepdim=True)),  # r_i kept
+    "check_masked_aggregate": (losses.masked_aggregate, lambda x, mask, aggregation="token", max_tokens=None:
+                               losses.masked_mean(x, mask)),  # token mean whatever the name
     "check_attention": (model.attention_reference, lambda q, k, v, mask: F.softmax(
         q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1) @ v),  # forgets the mask
 }
