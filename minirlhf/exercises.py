@@ -98,7 +98,8 @@ EXERCISES = (
         _L + "test_ppo_policy_loss_at_ratio_one_is_minus_mean_advantage",
         _L + "test_ppo_policy_loss_has_zero_gradient_where_the_clip_binds", _L + "test_gradcheck_ppo_losses",
         # clip_eps_high and aggregation (the critic-free extension)
-        _C + "test_clip_eps_high_none_is_todays_loss_bit_for_bit", _C + "test_clip_higher_lets_positive_advantages_grow_further",
+        _C + "test_clip_eps_high_none_is_todays_loss_bit_for_bit",
+        _C + "test_clip_higher_lets_positive_advantages_grow_further",
         _C + "test_sequence_aggregation_with_an_empty_row_is_finite",
         _C + "test_equal_rewards_give_zero_advantages_and_zero_gradient")),
     Exercise("ppo_value_loss", "minirlhf/losses.py", 2, "notebooks/03_ppo_rlhf.ipynb", "check_ppo_value_loss", (

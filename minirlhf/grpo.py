@@ -221,15 +221,16 @@ def train_grpo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, ove
     out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
     modules = {"policy": policy, "policy_opt": optimizer}
     start, rows, _ = common.resume_training(out_dir, modules) if resume else (0, [], None)
-    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "model": dataclasses.asdict(policy.config),
-                                                "sft": str(sft_dir), "rm": str(rm_dir), "stage": "grpo"})
+    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "sft": str(sft_dir), "rm": str(rm_dir),
+                                                "model": dataclasses.asdict(policy.config), "stage": "grpo"})
     log = common.MetricsLog(out_dir / "metrics.jsonl", rows)
     reward_fn = make_reward_fn(config, reward_model, gold_fn, device)
 
     def evaluate(n):
         return evaluate_policy(policy, tokenizer, test_prompts[:n], gold_fn, reference=reference,
                                reward_model=reward_model, max_new_tokens=config.max_new_tokens,
-                               max_prompt_tokens=config.max_prompt_tokens, generator=common.step_generator(config.seed, -1))
+                               max_prompt_tokens=config.max_prompt_tokens,
+                               generator=common.step_generator(config.seed, -1))
 
     t_start = time.perf_counter()
     n_prompts = config.rollout_batch // config.group_size
@@ -258,7 +259,7 @@ def train_grpo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, ove
     summary["train/seconds"] = time.perf_counter() - t_start
     save_model(policy, out_dir)
     common.plot_metrics(log.rows, ["objective/scores", "gold/reward", "objective/kl", "objective/length"],
-                        out_dir / "grpo.png", f"{config.advantage}: proxy reward, gold reward, KL, length per iteration")
+                        out_dir / "grpo.png", f"{config.advantage}: proxy and gold reward, KL, length per iteration")
     common.plot_metrics(log.rows, ["frac_reward_zero_std", "objective/entropy", "policy/clipfrac", "policy/approx_kl"],
                         out_dir / "grpo_diagnostics.png", f"{config.advantage} diagnostics")
     common.write_json(out_dir / "summary.json", summary)

@@ -22,6 +22,7 @@ from minirlhf.tokenizer import load_tokenizer
 TINY = dict(reward="gold", iterations=10, rollout_batch=32, group_size=4, minibatch_size=16, lr=1e-3,
             eval_every=5, n_periodic_eval=32, n_eval_samples=128, max_new_tokens=30)
 PROMPTS = ["the movie was", "i loved", "the plot was not", "i would"]
+SEED0 = lambda: torch.Generator().manual_seed(0)
 
 
 def setup(**overrides):
@@ -55,7 +56,7 @@ def test_short_run_raises_gold_reward(tmp_path):
 
 def test_ratio_is_exactly_one_before_the_first_update():
     tokenizer, policy, reference, config, reward_fn = setup(temperature=0.7)
-    batch, gold = sample_groups(policy, reference, reward_fn, tokenizer, PROMPTS, config, torch.Generator().manual_seed(0))
+    batch, gold = sample_groups(policy, reference, reward_fn, tokenizer, PROMPTS, config, SEED0())
     assert batch["tokens"].shape[0] == len(PROMPTS) * config.group_size == len(gold)
     logprobs, _, _ = policy_forward(policy, None, batch["tokens"], batch["attention"], config.temperature)
     assert torch.equal(logprobs * batch["mask"], batch["logprobs"] * batch["mask"])
@@ -76,7 +77,7 @@ def test_equal_reward_groups_count_in_frac_zero_std_and_can_be_dropped():
     for drop in (False, True):
         policy.load_state_dict(state)
         config = common.apply_overrides(config, {"kl_in": "none", "drop_zero_std_groups": drop})
-        batch, _ = sample_groups(policy, reference, reward_fn, tokenizer, PROMPTS, config, torch.Generator().manual_seed(0))
+        batch, _ = sample_groups(policy, reference, reward_fn, tokenizer, PROMPTS, config, SEED0())
         advantages, grouped = compute_advantages(batch, config)
         assert advantages[config.group_size:].eq(0).all() and advantages[:config.group_size].ne(0).any()
         stats = grpo_iteration(policy, reference, optimizer, reward_fn, tokenizer, PROMPTS, config,

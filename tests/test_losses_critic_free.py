@@ -169,7 +169,8 @@ def test_sequence_aggregation_with_an_empty_row_is_finite():
         assert logprobs.grad[1].eq(0).all()
     # the empty row counts among the B rows of the sequence mean: (mean_0 + 0 + mean_2) / 3
     x = torch.arange(15.0).view(3, 5)
-    assert masked_aggregate(x, mask, "sequence").item() == pytest.approx((0.5 + 0 + 12) / 3)  # rows: (0+1)/2, empty, (11+12+13)/3
+    # row means: (0+1)/2, empty, (11+12+13)/3
+    assert masked_aggregate(x, mask, "sequence").item() == pytest.approx((0.5 + 0 + 12) / 3)
 
 
 def test_unknown_aggregation_and_constant_without_budget_are_errors():
