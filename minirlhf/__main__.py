@@ -28,6 +28,7 @@ from minirlhf.course import exercises
 from minirlhf.course.exercises import ExerciseError, unfinished_message
 from minirlhf.course.student_copy import make_student
 from minirlhf.export import export
+from minirlhf.grpo import FAST as GRPO_FAST, GRPOConfig, train_grpo
 from minirlhf.experiments import FAST as FRONTIER_FAST, FrontierConfig, run_frontier
 from minirlhf.pipeline import run_pipeline
 from minirlhf.ppo import FAST as PPO_FAST, PPOConfig, train_ppo
@@ -165,6 +166,15 @@ def ppo_flags(p):
                    help="optimise the reward model (default) or the gold judge (PPO-GT)")
     p.add_argument("--data", "--prompts", dest="data", help="rollout prompts JSONL {\"prompt\"} (default: "
                    "data/prompts_train.jsonl; the same as --set prompts=FILE)")
+
+
+def cmd_grpo(args):
+    extra = {**({"reward": args.reward} if args.reward else {}), **({"prompts": args.data} if args.data else {})}
+    config = build_config(GRPOConfig(), GRPO_FAST, args, extra=extra)
+    out = out_dir(args)
+    summary = train_grpo(config, args.sft, args.rm, out, device=pick_device(args.device), resume=args.resume,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    print_summary(summary, out)
 
 
 def cmd_dpo(args):
@@ -363,6 +373,8 @@ COMMANDS = {
     "collect": (cmd_collect, "step 2: simulated labelers rank samples of the SFT model", collect_flags),
     "rm": (cmd_rm, "step 2: a reward model learns the preferences (--set loss=pairwise|ranking)", rm_flags),
     "ppo": (cmd_ppo, "step 3: RLHF with PPO against the reward model", ppo_flags),
+    "grpo": (cmd_grpo, "step 3 without a critic: GRPO, Dr. GRPO, RLOO or REINFORCE++ (--set advantage=...; "
+                       "docs/grpo.md)", ppo_flags),
     "dpo": (cmd_dpo, "the direct alternative: DPO on the preference pairs, plus an NLL term on the "
                      "chosen (RPO; --set nll_coef=0 beta=1 lr=2e-4: the paper's loss; --set loss_type=...)",
             dpo_flags),

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token", "sequence", "constant")
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
 
@@ -289,7 +290,8 @@ def gae_reference(rewards, values, mask, gamma=1.0, lam=0.95):
 # PPO: the clipped surrogate for the policy, the clipped squared error for the value.
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, clip_eps_high=None,
+                    aggregation="token", max_tokens=None):
     """Clipped surrogate loss of PPO (Schulman et al. 2017, eq. 7, negated).
 
     logprobs: (B, T) under the current policy; old_logprobs: (B, T) under the policy
@@ -297,6 +299,10 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
       loss = masked_mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))).
     The max is the pessimistic bound: once ρ leaves [1−ε, 1+ε] in the direction the
     advantage pushes it, the gradient is 0.
+    The critic-free methods change two things (see masked_aggregate and docs/grpo.md):
+    ``clip_eps_high`` is the upper clip 1+ε_high (DAPO's clip-higher; None: ε), and
+    ``aggregation`` ("token", "sequence", "constant" with ``max_tokens``) says how the
+    per-token terms become one number; "token" is the masked_mean above.
     Metrics: loss/policy; policy/clipfrac (fraction of tokens where the clipped term is
     the max); policy/approx_kl = masked_mean((ρ − 1) − log ρ), the k3 estimate of
     KL(π_old ‖ π_θ) on the sampled tokens; policy/ratio_mean.
@@ -307,8 +313,9 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     unclipped = -advantages * ratio  # (B, T)
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, T)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)  # (B, T)
+    loss = masked_aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
     with torch.no_grad():
         metrics = {
             "loss/policy": loss.item(),
@@ -480,3 +487,132 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
         ### END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------
+# Critic-free RL (GRPO, Dr. GRPO, RLOO): the baseline comes from the other responses to
+# the same prompt instead of a value model; how per-token terms are averaged matters.
+
+
+def masked_aggregate(x, mask, aggregation="token", max_tokens=None):
+    """Reduce per-token loss terms x (B, T) over the mask to one scalar.
+
+      token     masked_mean(x, mask): one mean over every response token of the batch
+                (today's PPO; DAPO, Yu et al. 2025, eq. 10);
+      sequence  the mean over each row's tokens, then over the B rows (GRPO, Shao et al.
+                2024, eq. 3): a token of a short response weighs more than one of a long;
+                a row with no masked token adds 0 and still counts among the B;
+      constant  masked sum / (B · max_tokens), max_tokens a fixed budget such as the
+                generation limit (Dr. GRPO, Liu et al. 2025): every token weighs the same
+                whatever its response's length, and the weight does not depend on the batch.
+    Raises ValueError for an unknown name, or "constant" without max_tokens > 0.
+
+    Hint: "token" is written for you. masked_mean(x, mask, dim=1) gives one mean per row;
+    for the sum, select the masked entries with torch.where so off-mask inf or NaN cannot
+    leak in.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    if aggregation == "constant" and not (max_tokens is not None and max_tokens > 0):
+        raise ValueError(f"aggregation='constant' needs max_tokens > 0, got {max_tokens}")
+    if aggregation == "token":  # today's PPO loss: outside the exercise, so ppo_policy_loss never waits on it
+        return masked_mean(x, mask)
+    ### BEGIN SOLUTION
+    if aggregation == "sequence":
+        return masked_mean(x, mask, dim=1).mean()  # (B,) row means, then their mean
+    total = torch.where(mask.to(x.dtype) > 0, x, torch.zeros_like(x)).sum()
+    return total / (x.shape[0] * max_tokens)
+    ### END SOLUTION
+
+
+def masked_aggregate_reference(x, mask, aggregation="token", max_tokens=None):
+    """The same as masked_aggregate, written naively: python floats, one token at a time."""
+    rows = [[float(x[b, t]) for t in range(x.shape[1]) if mask[b, t]] for b in range(x.shape[0])]
+    if aggregation == "token":
+        tokens = [v for row in rows for v in row]
+        return sum(tokens) / len(tokens) if tokens else 0.0
+    if aggregation == "sequence":
+        return sum(sum(row) / len(row) if row else 0.0 for row in rows) / len(rows)
+    return sum(sum(row) for row in rows) / (len(rows) * max_tokens)
+
+
+def _equal_groups(rewards):
+    """(B, 1) bool: True where all G rewards of a group are equal (std exactly 0)."""
+    return (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
+
+
+def group_advantages(rewards, scale_std=True, eps=1e-6, unbiased=False):
+    """Group-relative advantages of GRPO (Shao et al. 2024, section 4.1.2) and Dr. GRPO.
+
+    rewards: (B, G), row b the rewards of the G responses sampled for prompt b. Returns
+    (B, G):
+      scale_std=True   (r − mean_g) / (std_g + eps)   GRPO
+      scale_std=False  r − mean_g                     Dr. GRPO (Liu et al. 2025)
+    std_g is the population std (divide by G); ``unbiased=True`` divides by G − 1 (with
+    eps=1e-4 that is TRL's convention: its advantages are √((G−1)/G) of these). The
+    mean is a baseline: it does not depend on which response is scored, so it leaves
+    the policy gradient unbiased (in the limit of many samples) and lowers its variance;
+    the division by std rescales each prompt and is not unbiased (docs/grpo.md).
+    A group whose rewards are all equal gets advantages exactly 0 (no learning signal).
+
+    Hint: mean and std over dim=1 with keepdim=True, so they broadcast over the G; then
+    torch.where(_equal_groups(rewards), 0, …) makes equal groups exactly 0.
+    """
+    ### BEGIN SOLUTION
+    centred = rewards - rewards.mean(dim=1, keepdim=True)  # (B, G)
+    if scale_std:
+        std = rewards.std(dim=1, keepdim=True, correction=1 if unbiased else 0)  # (B, 1)
+        centred = centred / (std + eps)
+    # Equal rewards: r − mean can be ±1 ulp instead of 0 (the mean rounds); make it 0.
+    return torch.where(_equal_groups(rewards), torch.zeros_like(centred), centred)
+    ### END SOLUTION
+
+
+def group_advantages_reference(rewards, scale_std=True, eps=1e-6, unbiased=False):
+    """The same as group_advantages, written naively: python floats, one group at a time."""
+    out = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        group = [float(r) for r in rewards[b]]
+        G = len(group)
+        if all(r == group[0] for r in group):
+            continue
+        mean = sum(group) / G
+        std = (sum((r - mean) ** 2 for r in group) / (G - 1 if unbiased else G)) ** 0.5
+        for i, r in enumerate(group):
+            out[b, i] = (r - mean) / (std + eps) if scale_std else r - mean
+    return out
+
+
+def rloo_advantages(rewards):
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, eq. 5).
+
+    rewards: (B, G) with G ≥ 2, row b the rewards of G responses to prompt b. Returns
+    (B, G): ``r_i − mean_{j≠i} r_j``, the reward minus the mean of the OTHER G−1
+    responses. That baseline does not depend on response i at all, so the gradient
+    estimate stays exactly unbiased; algebraically it is G/(G−1)·(r_i − mean_g).
+    Equal rewards give exactly 0. Raises ValueError for G < 2.
+
+    Hint: the sum of the others is rewards.sum(1, keepdim=True) − rewards; equal groups
+    as in group_advantages.
+    """
+    G = rewards.shape[1]
+    if G < 2:
+        raise ValueError(f"rloo_advantages needs G >= 2 responses per prompt, got G={G}")
+    ### BEGIN SOLUTION
+    others = (rewards.sum(dim=1, keepdim=True) - rewards) / (G - 1)  # (B, G) leave-one-out means
+    advantages = rewards - others
+    return torch.where(_equal_groups(rewards), torch.zeros_like(advantages), advantages)
+    ### END SOLUTION
+
+
+def rloo_advantages_reference(rewards):
+    """The same as rloo_advantages, written naively: python floats, one response at a time."""
+    out = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        group = [float(r) for r in rewards[b]]
+        if all(r == group[0] for r in group):
+            continue
+        for i, r in enumerate(group):
+            others = [group[j] for j in range(len(group)) if j != i]
+            out[b, i] = r - sum(others) / len(others)
+    return out

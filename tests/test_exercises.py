@@ -333,6 +333,11 @@ WRONG = {
                              losses.ppo_value_loss(values, old_values, returns, mask, clip_eps=1e9)),
     "check_dpo_loss": (losses.dpo_loss, _wrong_dpo),
     "check_adaptive_kl": (losses.AdaptiveKLController, NoClipController),
+    "check_group_advantages": (losses.group_advantages, lambda rewards, scale_std=True, eps=1e-6, unbiased=False: (
+        rewards - rewards.mean(1, keepdim=True)) / ((rewards.std(1, keepdim=True) + eps) if scale_std else 1)),  # always G−1
+    "check_rloo_advantages": (losses.rloo_advantages, lambda rewards: rewards - rewards.mean(1, keepdim=True)),  # r_i kept
+    "check_masked_aggregate": (losses.masked_aggregate, lambda x, mask, aggregation="token", max_tokens=None:
+                               losses.masked_mean(x, mask)),  # token mean whatever the name
     "check_attention": (model.attention_reference, lambda q, k, v, mask: F.softmax(
         q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1) @ v),  # forgets the mask
 }

@@ -379,3 +379,59 @@ def attention_cases():
 
 def check_attention(fn):
     return _run("attention_reference", fn, _output, attention_cases())
+
+
+# ---------------------------------------------------------------------------------------
+# Critic-free RL: group baselines and the aggregation of per-token terms.
+
+
+def group_advantages_cases():
+    s = math.sqrt(1.5)  # rewards (1, 0, 0, 3): mean 1, deviations (0, −1, −1, 2), population variance 6/4
+    return [
+        ("GRPO: divide by the population std", dict(rewards=_t([[1.0, 0.0, 0.0, 3.0]]), eps=0.0),
+         {"output": _t([[0.0, -1 / s, -1 / s, 2 / s]])}),
+        ("Dr. GRPO: no std scaling", dict(rewards=_t([[1.0, 0.0, 0.0, 3.0]]), scale_std=False),
+         {"output": _t([[0.0, -1.0, -1.0, 2.0]])}),
+        # unbiased variance 6/3 = 2
+        ("unbiased std (TRL's convention)", dict(rewards=_t([[1.0, 0.0, 0.0, 3.0]]), eps=0.0, unbiased=True),
+         {"output": _t([[0.0, -1 / math.sqrt(2), -1 / math.sqrt(2), math.sqrt(2)]])}),
+        ("equal rewards give 0; each group on its own", dict(rewards=_t([[0.3, 0.3, 0.3], [2.0, 4.0, 6.0]]),
+                                                             scale_std=False),
+         {"output": _t([[0.0, 0.0, 0.0], [-2.0, 0.0, 2.0]])}),
+    ]
+
+
+def check_group_advantages(fn):
+    return _run("group_advantages", fn, _output, group_advantages_cases())
+
+
+def rloo_advantages_cases():
+    return [
+        # leave-one-out means: (0+0+3)/3 = 1, (1+0+3)/3 = 4/3 twice, (1+0+0)/3 = 1/3
+        ("a group of four", dict(rewards=_t([[1.0, 0.0, 0.0, 3.0]])), {"output": _t([[0.0, -4 / 3, -4 / 3, 8 / 3]])}),
+        ("two groups of two", dict(rewards=_t([[2.0, 4.0], [1.0, 1.0]])), {"output": _t([[-2.0, 2.0], [0.0, 0.0]])}),
+    ]
+
+
+def check_rloo_advantages(fn):
+    return _run("rloo_advantages", fn, _output, rloo_advantages_cases())
+
+
+def masked_aggregate_cases():
+    x, mask = _t([[1.0, 3.0, 100.0], [6.0, 100.0, 100.0]]), _t([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    return [
+        # rows: (1 + 3)/2 = 2 and 6/1 = 6; the 100s are off the mask
+        ("sequence: mean of row means", dict(x=x, mask=mask, aggregation="sequence"), {"output": 4.0}),
+        # (1 + 3 + 6) / (2 rows · 5)
+        ("constant: sum / (B · max_tokens)", dict(x=x, mask=mask, aggregation="constant", max_tokens=5),
+         {"output": 1.0}),
+        # row 0: (2 + 4)/2 = 3; row 1 is empty: 0, and still one of the B = 2 rows
+        ("an empty row adds 0 and counts", dict(x=_t([[2.0, 4.0], [7.0, 7.0]]), mask=_t([[1.0, 1.0], [0.0, 0.0]]),
+                                                aggregation="sequence"), {"output": 1.5}),
+        ("inf off the mask never leaks in", dict(x=_t([[1.0, math.inf]]), mask=_t([[1.0, 0.0]]),
+                                                 aggregation="constant", max_tokens=2), {"output": 0.5}),
+    ]
+
+
+def check_masked_aggregate(fn):
+    return _run("masked_aggregate", fn, _output, masked_aggregate_cases())
