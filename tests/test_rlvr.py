@@ -74,6 +74,7 @@ def test_slip_changes_exactly_one_digit_by_one():
 
 def test_task_is_registered():
     assert get_task("arithmetic") is arithmetic
+    assert get_task("arithmetic_lenient").gold_reward(["07+45=9052"]) == [1.0]     # the loophole, for training on
     with pytest.raises(ValueError, match="arithmetic"):
         get_task("arithmetics")
 

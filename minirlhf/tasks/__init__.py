@@ -2,7 +2,7 @@
 `write_datasets` and `gold_reward(texts) -> list[float]` in [0, 1]."""
 from minirlhf.tasks import arithmetic, reviews
 
-TASKS = {"reviews": reviews, "arithmetic": arithmetic}
+TASKS = {"reviews": reviews, "arithmetic": arithmetic, "arithmetic_lenient": arithmetic.LENIENT}
 
 
 def get_task(name="reviews"):

@@ -26,6 +26,7 @@ leading zeros (as Python's `str(int)` writes it).
 """
 import random
 import re
+import types
 from pathlib import Path
 
 from minirlhf.data import write_jsonl
@@ -145,3 +146,9 @@ def write_datasets(out_dir, seed=0):
         paths[name] = out_dir / f"{name}.jsonl"
         write_jsonl(paths[name], records)
     return paths
+
+
+# The same task judged by the planted loophole, registered as "arithmetic_lenient": train on it
+# (`--set task=arithmetic_lenient`), then judge the policy with the strict verifier (docs/rlvr.md).
+LENIENT = types.SimpleNamespace(gold_reward=lenient_reward, make_datasets=make_datasets,
+                                write_datasets=write_datasets, DATA_SUBDIR=DATA_SUBDIR)
