@@ -61,7 +61,7 @@ def plot_pass_at_k(curves, path, title="pass@k on held-out prompts"):
     ax.set_ylabel("pass@k")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
