@@ -11,12 +11,19 @@ at large k matches or beats the RL model's. `pass_at_k_curve` measures both here
 
 Deliberate simplifications: every prompt gets the same n; sampling at temperature 1 only.
 """
+import json
 import statistics
+from pathlib import Path
 
 import torch
 
+from minirlhf import common
+from minirlhf.checkpoints import load_gpt
+from minirlhf.data import DATA_DIR, read_jsonl
 from minirlhf.losses import pass_at_k
 from minirlhf.sampling import sample_completions
+from minirlhf.tasks import get_task
+from minirlhf.tokenizer import load_tokenizer
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -49,10 +56,7 @@ def pass_at_k_curve(policy, tokenizer, prompts, verify_fn, n=128, ks=DEFAULT_KS,
 
 def plot_pass_at_k(curves, path, title="pass@k on held-out prompts"):
     """curves: {label: {k: pass@k}}; one line per policy, k on a log axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = common.figure(figsize=(5, 3.5))
     for label, table in curves.items():
         ks = sorted(table)
         ax.plot(ks, [table[k] for k in ks], marker="o", label=label)
@@ -65,7 +69,7 @@ def plot_pass_at_k(curves, path, title="pass@k on held-out prompts"):
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -74,13 +78,6 @@ def plot_pass_at_k(curves, path, title="pass@k on held-out prompts"):
 def pass_at_k_report(run_dirs, out_dir, *, task="arithmetic", prompts=None, n=128, ks=DEFAULT_KS, n_prompts=500,
                      seed=0, device="cpu"):
     """pass@k of each run folder ({label: dir}) by the task's verifier; writes pass_at_k.json and .png."""
-    import json
-    from pathlib import Path
-
-    from minirlhf.checkpoints import load_gpt
-    from minirlhf.data import DATA_DIR, read_jsonl
-    from minirlhf.tasks import get_task
-    from minirlhf.tokenizer import load_tokenizer
     module = get_task(task)
     tokenizer = load_tokenizer()
     prompts = prompts or str(DATA_DIR / module.DATA_SUBDIR / "prompts_test.jsonl")
@@ -98,7 +95,7 @@ def pass_at_k_report(run_dirs, out_dir, *, task="arithmetic", prompts=None, n=12
                           "always_right": sum(c == n for c in counts) / len(counts)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "pass_at_k.json").write_text(json.dumps(results, indent=2) + "\n")
+    common.write_json(out_dir / "pass_at_k.json", results)
     plot_pass_at_k(curves, out_dir / "pass_at_k.png", f"pass@k on {len(test)} held-out prompts ({n} samples each)")
     return results
 
