@@ -35,6 +35,7 @@ Deliberate simplifications:
   - Metrics are batch means on one process; nothing is all-reduced.
 """
 
+import itertools
 import math
 
 import torch
@@ -647,6 +648,5 @@ def pass_at_k_bruteforce(n, c, k):
     """The same estimate by counting: the share of all k-subsets of the n samples that hold a correct one.
 
     Samples 0 .. c−1 are the correct ones. Exponential in n: for tests on small n only."""
-    import itertools
     subsets = list(itertools.combinations(range(n), k))
     return sum(any(i < c for i in s) for s in subsets) / len(subsets)

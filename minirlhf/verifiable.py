@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from minirlhf import common
+from minirlhf.files import write_json
+from minirlhf.runs import figure
 from minirlhf.checkpoints import load_gpt
 from minirlhf.data import DATA_DIR, read_jsonl
 from minirlhf.losses import pass_at_k
@@ -56,7 +57,7 @@ def pass_at_k_curve(policy, tokenizer, prompts, verify_fn, n=128, ks=DEFAULT_KS,
 
 def plot_pass_at_k(curves, path, title="pass@k on held-out prompts"):
     """curves: {label: {k: pass@k}}; one line per policy, k on a log axis."""
-    fig, ax = common.figure(figsize=(5, 3.5))
+    fig, ax = figure(figsize=(5, 3.5))
     for label, table in curves.items():
         ks = sorted(table)
         ax.plot(ks, [table[k] for k in ks], marker="o", label=label)
@@ -95,7 +96,7 @@ def pass_at_k_report(run_dirs, out_dir, *, task="arithmetic", prompts=None, n=12
                           "always_right": sum(c == n for c in counts) / len(counts)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    common.write_json(out_dir / "pass_at_k.json", results)
+    write_json(out_dir / "pass_at_k.json", results)
     plot_pass_at_k(curves, out_dir / "pass_at_k.png", f"pass@k on {len(test)} held-out prompts ({n} samples each)")
     return results
 

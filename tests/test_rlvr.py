@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from minirlhf import common
+from minirlhf.config import apply_overrides
 from minirlhf.losses import pass_at_k, pass_at_k_bruteforce
 from minirlhf.tasks import arithmetic, get_task
 from minirlhf.verifiable import pass_at_k_table
@@ -178,12 +178,12 @@ def test_smoke_sft_grpo_and_pass_at_k(tmp_path):
     from minirlhf.verifiable import pass_at_k_curve
     d = DATA_DIR / arithmetic.DATA_SUBDIR
     lengths = dict(task="arithmetic", max_prompt_tokens=8, max_new_tokens=6)
-    sft = train_sft(common.apply_overrides(SFTConfig(), dict(
+    sft = train_sft(apply_overrides(SFTConfig(), dict(
         **lengths, data=str(d / "sft_train.jsonl"), val_data=str(d / "sft_val.jsonl"),
         test_prompts=str(d / "prompts_test.jsonl"), block_size=16, n_embd=64, n_head=4, steps=150, batch_size=64,
         lr=3e-3, warmup_steps=10, eval_every=50, n_eval_samples=64)), tmp_path / "sft", progress=False)
     assert sft["eval/length"] <= 7 and sft["eval/eos_rate"] > 0.9      # short numeric answers, then EOS
-    grpo = train_grpo(common.apply_overrides(GRPOConfig(), dict(
+    grpo = train_grpo(apply_overrides(GRPOConfig(), dict(
         **lengths, reward="gold", prompts=str(d / "prompts_train.jsonl"), test_prompts=str(d / "prompts_test.jsonl"),
         group_size=8, rollout_batch=64, iterations=4, lr=2e-4, eval_every=2, n_periodic_eval=32,
         n_eval_samples=64)), tmp_path / "sft", None, tmp_path / "grpo", progress=False)
