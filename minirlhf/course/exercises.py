@@ -45,7 +45,7 @@ class Exercise:
 _L = "tests/test_losses.py::"
 _M = "tests/test_model.py::"
 _C = "tests/test_losses_critic_free.py::"
-_NB6 = "notebooks/03_ppo_rlhf.ipynb"  # until notebooks/06_grpo.ipynb exists
+_NB6 = "notebooks/06_grpo.ipynb"
 EXERCISES = (
     Exercise("attention_reference", "minirlhf/model.py", 2, "notebooks/01_tiny_gpt_and_sft.ipynb", "check_attention", (
         _M + "test_sdpa_equals_reference_attention_with_padding_mask",
