@@ -366,7 +366,7 @@ def grade_flags(p):
 
 
 COMMANDS = {
-    "run": (cmd_run, "the whole pipeline (SFT, preferences, RM, PPO, DPO, baselines) and a report", run_flags),
+    "run": (cmd_run, "the whole pipeline (SFT, preferences, RM, PPO, GRPO, RLOO, DPO, baselines) and a report", run_flags),
     "data": (cmd_data, "regenerate data/ (datasets and tokenizer) from a seed", data_flags),
     "tokenizer": (cmd_tokenizer, "retrain the BPE tokenizer on the demonstrations", tokenizer_flags),
     "sft": (cmd_sft, "step 1: supervised fine-tuning on demonstrations", sft_flags),

@@ -526,6 +526,7 @@ def masked_aggregate(x, mask, aggregation="token", max_tokens=None):
     ### END SOLUTION
 
 
+### BEGIN INSTRUCTOR ONLY
 def masked_aggregate_reference(x, mask, aggregation="token", max_tokens=None):
     """The same as masked_aggregate, written naively: python floats, one token at a time."""
     rows = [[float(x[b, t]) for t in range(x.shape[1]) if mask[b, t]] for b in range(x.shape[0])]
@@ -535,6 +536,7 @@ def masked_aggregate_reference(x, mask, aggregation="token", max_tokens=None):
     if aggregation == "sequence":
         return sum(sum(row) / len(row) if row else 0.0 for row in rows) / len(rows)
     return sum(sum(row) for row in rows) / (len(rows) * max_tokens)
+### END INSTRUCTOR ONLY
 
 
 def _equal_groups(rewards):
@@ -569,6 +571,7 @@ def group_advantages(rewards, scale_std=True, eps=1e-6, unbiased=False):
     ### END SOLUTION
 
 
+### BEGIN INSTRUCTOR ONLY
 def group_advantages_reference(rewards, scale_std=True, eps=1e-6, unbiased=False):
     """The same as group_advantages, written naively: python floats, one group at a time."""
     out = torch.zeros_like(rewards)
@@ -582,6 +585,7 @@ def group_advantages_reference(rewards, scale_std=True, eps=1e-6, unbiased=False
         for i, r in enumerate(group):
             out[b, i] = (r - mean) / (std + eps) if scale_std else r - mean
     return out
+### END INSTRUCTOR ONLY
 
 
 def rloo_advantages(rewards):
@@ -606,6 +610,7 @@ def rloo_advantages(rewards):
     ### END SOLUTION
 
 
+### BEGIN INSTRUCTOR ONLY
 def rloo_advantages_reference(rewards):
     """The same as rloo_advantages, written naively: python floats, one response at a time."""
     out = torch.zeros_like(rewards)
@@ -617,6 +622,7 @@ def rloo_advantages_reference(rewards):
             others = [group[j] for j in range(len(group)) if j != i]
             out[b, i] = r - sum(others) / len(others)
     return out
+### END INSTRUCTOR ONLY
 
 
 # ---------------------------------------------------------------------------

@@ -1,18 +1,22 @@
 """The whole pipeline in one command: `python -m minirlhf run`.
 
-    data -> SFT -> collect (simulated labelers) -> reward model -> PPO
+    data -> SFT -> collect (simulated labelers) -> reward model -> PPO, GRPO, RLOO
                                                  \\-> DPO, Preferred-FT, Best-of-N
 
 Every method starts from the same SFT model and the same preference pairs, and reports
 through the same evaluation (gold reward and KL to the SFT model on the same test
 prompts), so the report's table compares like with like. The run folder holds one
 subfolder per stage, a combined `summary.json`, `gold_vs_kl.png` and `report.md`.
+
+GRPO and RLOO (grpo.py, at its defaults and with `advantage=rloo`) run last, after the
+stages that were there before them: each stage seeds itself, so adding them changed none
+of the other stages' numbers.
 """
 import json
 import time
 from pathlib import Path
 
-from minirlhf import baselines, collect, dpo, ppo, reward, sft
+from minirlhf import baselines, collect, dpo, grpo, ppo, reward, sft
 from minirlhf.config import ConfigError, build
 from minirlhf.data import DATA_DIR
 from minirlhf.files import atomic_write_text, read_json, write_json
@@ -20,7 +24,9 @@ from minirlhf.runs import figure
 from minirlhf.tasks import reviews
 from minirlhf.tokenizer import train_and_save
 
-METHODS = ["sft", "ppo", "dpo", "preferred_ft", "best_of_n"]   # rows of the report's table, in order
+METHODS = ["sft", "ppo", "grpo", "rloo", "dpo", "preferred_ft", "best_of_n"]   # rows of the report's table
+RL_METHODS = ("ppo", "grpo", "rloo", "best_of_n")   # they use the reward model: its time counts in theirs
+TRAINED = [m for m in METHODS if m != "sft"]
 
 
 # ---------------------------------------------------------------------------
@@ -34,11 +40,15 @@ def stage_functions(out, fast, seed, device, progress, resume=False, overwrite=F
     kw = dict(device=device, progress=progress, overwrite=overwrite)
     rankings = out / "prefs" / "rankings.jsonl"     # DPO and Preferred-FT: whole rankings, as the reward model
 
-    def config(defaults, fast_overrides):
-        return build(defaults, fast=fast_overrides if fast else None, seed=seed)
+    def config(defaults, fast_overrides, variant=None):
+        return build(defaults, variant=variant, fast=fast_overrides if fast else None, seed=seed)
 
     def go_on(name):          # --resume for the training stages (collect and Best-of-N keep no checkpoint)
         return dict(resume=resume and (out / name / "checkpoint.pt").exists())
+
+    def train_critic_free(name, variant=None):   # GRPO at its defaults; RLOO is advantage=rloo
+        return grpo.train_grpo(config(grpo.GRPOConfig(), grpo.FAST, variant), out / "sft", out / "rm", out / name,
+                               **kw, **go_on(name))
 
     def train_rm(config):     # the K-wise loss reads rankings.jsonl, Bradley-Terry pairs.jsonl
         return reward.train_reward_model(config, out / "sft", reward.preferences_file(out / "prefs", config.loss),
@@ -59,6 +69,8 @@ def stage_functions(out, fast, seed, device, progress, resume=False, overwrite=F
         ("best_of_n", lambda: baselines.run_best_of_n(
             config(baselines.BestOfNConfig(), baselines.BEST_OF_N_FAST), out / "sft", out / "rm",
             out / "best_of_n", **kw)),
+        ("grpo", lambda: train_critic_free("grpo")),
+        ("rloo", lambda: train_critic_free("rloo", {"advantage": "rloo"})),
     ]
 
 
@@ -112,7 +124,7 @@ def method_row(name, stages):
     """(gold, sem, kl, proxy, seconds) of a method; SFT's KL to itself is 0 by definition."""
     s = stages[name]
     seconds = s["wall_seconds"] + (stages["rm"]["wall_seconds"] + stages["prefs"]["wall_seconds"]
-                                   if name in ("ppo", "best_of_n") else 0.0)
+                                   if name in RL_METHODS else 0.0)
     return s["eval/gold_reward"], s.get("eval/gold_reward_sem", 0.0), s.get("eval/kl", 0.0), s.get("eval/proxy_reward"), seconds
 
 
@@ -144,7 +156,9 @@ def report(combined, out):
         bound = " (bound)" if stages[name].get("eval/kl_is_analytic_bound") else ""
         proxy_text = f"{proxy:.2f}" if proxy is not None else "–"
         lines.append(f"| {name} | {gold:.3f} ± {sem:.3f} | {kl:.2f}{bound} | {proxy_text} | {seconds:.1f} |")
-    lines += ["", "PPO and Best-of-N times include collecting preferences and training the reward model. "
+    lines += ["", "PPO, GRPO, RLOO and Best-of-N times include collecting preferences and training the reward "
+              "model. GRPO and RLOO run grpo.py at its defaults (G = 4, β = 0.05 as PPO's) and with "
+              "`advantage=rloo` (docs/grpo.md). "
               "`dpo` is the kit's default DPO, which adds an NLL term on the chosen responses (RPO; "
               "`--set nll_coef=0 beta=1 lr=2e-4` trains the DPO paper's loss: docs/dpo.md).", "",
               "## What happened", "", *what_happened(stages), "", "## Samples for the same prompts", ""]
@@ -172,11 +186,28 @@ def what_happened(stages):
         f"- The reward model agrees with held-out labels {rm['eval/accuracy']:.1%} of the time; the noisy labels "
         f"themselves agree with the gold judge {rm['eval/bayes_accuracy']:.1%} of the time (the ceiling).",
     ]
-    for name in ("ppo", "dpo", "preferred_ft", "best_of_n"):
+    for name in TRAINED:
         gold, _, kl, _, _ = method_row(name, stages)
         change = "raised" if gold > sft_gold else "did not raise"
         sentences.append(f"- {name} {change} the gold reward: {sft_gold:.2f} → {gold:.2f} at KL {kl:.2f} nats.")
-    best = max(("ppo", "dpo", "preferred_ft", "best_of_n"), key=lambda m: stages[m]["eval/gold_reward"])
+    sentences += [critic_free_vs_ppo(name, stages) for name in ("grpo", "rloo")]
+    best = max(TRAINED, key=lambda m: stages[m]["eval/gold_reward"])
     sentences.append(f"- Highest gold reward: {best}. A single run at one setting says little about which "
-                     "method is better at equal KL: `python -m minirlhf frontier` sweeps that.")
+                     "method is better at equal KL: `python -m minirlhf frontier` sweeps that, and docs/grpo.md "
+                     "compares GRPO and RLOO with PPO over three seeds.")
     return sentences
+
+
+def critic_free_vs_ppo(name, stages):
+    """Where GRPO or RLOO lands against PPO in this run: above, below or within noise (two standard
+    errors of the difference: the evaluation samples' noise only, not the seed's)."""
+    gold, sem, kl, _, _ = method_row(name, stages)
+    ppo_gold, ppo_sem, ppo_kl, _, _ = method_row("ppo", stages)
+    noise = 2 * (sem ** 2 + ppo_sem ** 2) ** 0.5
+    if abs(gold - ppo_gold) <= noise:
+        where = "within noise of PPO's"
+    else:
+        where = "above PPO's" if gold > ppo_gold else "below PPO's"
+    return (f"- {name} lands {where} gold reward ({gold:.3f} vs {ppo_gold:.3f}, noise ±{noise:.3f}) at "
+            f"{'less' if kl < ppo_kl else 'more'} KL ({kl:.2f} vs {ppo_kl:.2f} nats), in "
+            f"{stages[name]['wall_seconds']:.0f} s of training against PPO's {stages['ppo']['wall_seconds']:.0f} s.")

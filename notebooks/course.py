@@ -1,13 +1,14 @@
 """Plumbing shared by the course notebooks: run folders, and the stages they share.
 
 This is not course material — the RLHF logic lives in `minirlhf/` and the notebooks call
-it directly. This file only makes notebooks 01–05 agree on the settings of the stages
+it directly. This file only makes notebooks 01–06 agree on the settings of the stages
 they share (the SFT model, the preference data, the reward model), so that each stage is
 trained once and its run folder reused by the notebooks after it:
 
-    runs/notebooks/full/sft      notebook 01 trains it; 02, 03 and 04 reuse it
+    runs/notebooks/full/sft      notebook 01 trains it; 02, 03, 04 and 06 reuse it
     runs/notebooks/full/prefs    02 collects it; 03 and 04 reuse it
-    runs/notebooks/full/rm       02 trains it; 03 reuses it
+    runs/notebooks/full/rm       02 trains it; 03 and 06 reuse it
+    runs/notebooks/full/ppo      03 trains it; 06 reuses it
 
 Every notebook still runs on its own: a missing stage is trained on the spot. A run is
 reused only if its config.json records the same settings and its inputs (the upstream run
@@ -32,6 +33,7 @@ warnings.filterwarnings("ignore", category=TqdmWarning)  # no ipywidgets: tqdm f
 from minirlhf import collect as collect_stage, reward as reward_stage  # noqa: E402
 from minirlhf.collect import CollectConfig, collect  # noqa: E402
 from minirlhf.config import build  # noqa: E402
+from minirlhf.course.exercises import unfinished_message  # noqa: E402
 from minirlhf.reward import RewardConfig, preferences_file, train_reward_model  # noqa: E402
 from minirlhf.sft import SFTConfig, train_sft  # noqa: E402
 
@@ -167,6 +169,20 @@ def reward_model(retrain=False):
     config = reward_config()
     prefs_file = preferences_file(prefs_dir, config.loss)
     return run_once(train_reward_model, config, "rm", sft_dir, prefs_file, retrain=retrain)
+
+
+@contextlib.contextmanager
+def skip_if_unfinished():
+    """Around a cell's code that calls an exercise of the kit: in a student copy where that
+    exercise is not written yet, print one line naming it instead of a traceback, so that
+    "Run All" goes on with the rest of the notebook. Any other error is raised as usual."""
+    try:
+        yield
+    except NotImplementedError as error:
+        message = unfinished_message(error)
+        if message is None:
+            raise
+        print(f"skipped the rest of this cell: {message}")
 
 
 def where(obj):

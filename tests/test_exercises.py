@@ -39,7 +39,7 @@ from minirlhf.course.student_copy import REPO
 GRADED = [e for e in EXERCISES if e.tests]   # package exercises; notebook practice is not graded
 
 MARKERS = student_copy.SOLUTION + student_copy.HIDDEN + student_copy.INSTRUCTOR
-RUN_FILES = ["tests/test_losses.py", "tests/test_model.py"]
+RUN_FILES = ["tests/test_losses.py", "tests/test_losses_critic_free.py", "tests/test_model.py"]
 
 
 def run_pytest(cwd, *args, report=None):

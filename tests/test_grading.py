@@ -4,7 +4,9 @@ What is checked:
   - the instructor's solutions pass every check of every exercise (two seeds), and each
     usual conceptual error (a flipped sign, a missing mask, per-sequence instead of
     per-token averaging, an off-by-one in GAE, a bootstrap from a pad, the score in the
-    last column) scores 0 with feedback that names the check and gives a hint;
+    last column, a sample std for GRPO's group std, NaN for an equal group, RLOO without
+    the leave-one-out, one mean over all tokens for the per-sequence aggregation, empty
+    rows left out of it) scores 0 with feedback that names the check and gives a hint;
   - attacks, through the real sandbox: an exit handler and patched torch/pytest/json
     that try to forge outputs; an exit at import; an exit, an infinite loop and a syntax
     error inside one exercise (each fails that exercise only, with the reason); a leaked
@@ -124,6 +126,29 @@ def _score_in_last_column(scores, logprobs, ref_logprobs, mask, kl_coef, estimat
     return rewards
 
 
+def _grpo_sample_std(rewards, scale_std=True, eps=1e-6, unbiased=False):
+    return losses.group_advantages(rewards, scale_std, eps, unbiased=True)  # always divides by G − 1
+
+
+def _grpo_without_equal_groups(rewards, scale_std=True, eps=1e-6, unbiased=False):
+    centred = rewards - rewards.mean(1, keepdim=True)  # ±1 ulp in an equal group, then divided by a ~0 std
+    return centred / (rewards.std(1, keepdim=True, correction=1 if unbiased else 0) + eps) if scale_std else centred
+
+
+def _rloo_without_leave_one_out(rewards):
+    return rewards - rewards.mean(1, keepdim=True)  # r_i stays in its own baseline
+
+
+def _aggregate_token_mean(x, mask, aggregation="token", max_tokens=None):
+    return losses.masked_mean(x, mask)  # one mean over all tokens, whatever the name
+
+
+def _sequence_skips_empty_rows(x, mask, aggregation="token", max_tokens=None):
+    if aggregation == "sequence":
+        return losses.masked_mean(x, mask, dim=1)[mask.sum(1) > 0].mean()
+    return losses.masked_aggregate(x, mask, aggregation, max_tokens)
+
+
 @pytest.mark.parametrize("name, wrong, words", [
     ("dpo_loss", _sign_flipped_dpo, "sign of h"),
     ("sft_loss", _sft_without_mask, "mask"),
@@ -132,8 +157,14 @@ def _score_in_last_column(scores, logprobs, ref_logprobs, mask, kl_coef, estimat
     ("gae", _gae_off_by_one, "γ·V_{t+1}"),
     ("gae", _gae_bootstrap_from_pad, "pad"),
     ("kl_penalized_rewards", _score_in_last_column, "last masked position"),
+    ("group_advantages", _grpo_sample_std, "population std"),
+    ("group_advantages", _grpo_without_equal_groups, "exactly 0"),
+    ("rloo_advantages", _rloo_without_leave_one_out, "OTHER G − 1"),
+    ("masked_aggregate", _aggregate_token_mean, "each row's own tokens"),
+    ("masked_aggregate", _sequence_skips_empty_rows, "still counts"),
 ], ids=["dpo-sign", "sft-no-mask", "sft-row-mean", "ppo-row-mean", "gae-off-by-one", "gae-pad-bootstrap",
-        "kl-rewards-last-column"])
+        "kl-rewards-last-column", "grpo-sample-std", "grpo-equal-groups-nan", "rloo-no-leave-one-out",
+        "aggregate-token-mean", "aggregate-skips-empty-rows"])
 def test_a_conceptual_error_scores_zero_and_is_explained(name, wrong, words):
     (grading, expected), = grade.make_plan(3, {name})
     result = grade.score_in_process(grading, expected, wrong)
@@ -238,7 +269,9 @@ def test_each_fault_fails_only_its_exercise_with_the_reason(kit, tmp_path):
     stolen = got.pop("kl_penalized_rewards")  # 0 where the sandbox hides the solution (root on Linux)
     assert got == {"attention_reference": 0.0, "token_logprobs": 1.0, "sft_loss": 1.0, "bradley_terry_loss": 1.0,
                    "ranking_loss": 0.0, "kl_penalty": 1.0, "gae": 0.0, "ppo_policy_loss": 0.0,
-                   "ppo_value_loss": 0.0, "AdaptiveKLController.update": 1.0, "dpo_loss": 0.0}, why
+                   "ppo_value_loss": 0.0, "AdaptiveKLController.update": 1.0, "dpo_loss": 0.0,
+                   "group_advantages": 0.0, "rloo_advantages": 0.0, "masked_aggregate": 0.0}, why
+    assert why["masked_aggregate"].startswith("not done yet"), why["masked_aggregate"]
     assert why["attention_reference"].startswith("refused: attention_reference calls the library's attention")
     assert why["ranking_loss"] == "the process exited with code 3 while running it"
     assert why["gae"].startswith("NameError: name 'gae_reference' is not defined")

@@ -5,16 +5,26 @@ Three layers (STYLE.md rule 7): hand-computed advantages for one group of four; 
 (GRPO and Dr. GRPO advantages sum to zero per group, RLOO is G/(G−1)·(r − mean), equal
 rewards give zero advantages and zero gradient, sequence and token aggregation agree when
 every response has the same length, clip_eps_high=None is today's loss bit for bit, an
-empty row gives no NaN); and each vectorised function against its naive loop in losses.py.
+empty row gives no NaN); and each vectorised function against its naive loop in losses.py
+(instructor only: the loops would hand a student the answer).
 """
 import math
 
 import pytest
 import torch
 
-from minirlhf.losses import (group_advantages, group_advantages_reference, masked_aggregate,
-                             masked_aggregate_reference, masked_mean, ppo_policy_loss, rloo_advantages,
-                             rloo_advantages_reference)
+from minirlhf.losses import (
+    group_advantages,
+    ### BEGIN INSTRUCTOR ONLY
+    group_advantages_reference,
+    masked_aggregate_reference,
+    rloo_advantages_reference,
+    ### END INSTRUCTOR ONLY
+    masked_aggregate,
+    masked_mean,
+    ppo_policy_loss,
+    rloo_advantages,
+)
 
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 3.0]], dtype=torch.float64)  # one group of G = 4
 
@@ -157,8 +167,13 @@ def test_clip_higher_lets_positive_advantages_grow_further():
 
 
 def test_sequence_aggregation_with_an_empty_row_is_finite():
-    logprobs = torch.randn(3, 5, requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0], [0.0] * 5, [0.0, 1.0, 1.0, 1.0, 0.0]])
+    # the empty row counts among the B rows of the sequence mean: (mean_0 + 0 + mean_2) / 3
+    x = torch.arange(15.0).view(3, 5)
+    # row means: (0+1)/2, empty, (11+12+13)/3
+    assert masked_aggregate(x, mask, "sequence").item() == pytest.approx((0.5 + 0 + 12) / 3)
+    # and through the loss: finite, and no gradient for the empty row
+    logprobs = torch.randn(3, 5, requires_grad=True)
     advantages = torch.randn(3, 5)
     for aggregation in ("sequence", "constant", "token"):
         logprobs.grad = None
@@ -167,10 +182,6 @@ def test_sequence_aggregation_with_an_empty_row_is_finite():
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all(), aggregation
         assert logprobs.grad[1].eq(0).all()
-    # the empty row counts among the B rows of the sequence mean: (mean_0 + 0 + mean_2) / 3
-    x = torch.arange(15.0).view(3, 5)
-    # row means: (0+1)/2, empty, (11+12+13)/3
-    assert masked_aggregate(x, mask, "sequence").item() == pytest.approx((0.5 + 0 + 12) / 3)
 
 
 def test_unknown_aggregation_and_constant_without_budget_are_errors():
@@ -185,6 +196,7 @@ def test_unknown_aggregation_and_constant_without_budget_are_errors():
 # Each vectorised function against its naive loop
 
 
+### BEGIN INSTRUCTOR ONLY
 @pytest.mark.parametrize("G", [2, 3, 5])
 def test_advantages_match_naive_loops(G):
     g = torch.Generator().manual_seed(G)
@@ -202,3 +214,4 @@ def test_aggregation_matches_naive_loop(aggregation):
     mask = _random_mask(7, 10, g)
     expected = masked_aggregate_reference(x, mask, aggregation, max_tokens=10)
     assert masked_aggregate(x, mask, aggregation, max_tokens=10).item() == pytest.approx(expected, abs=1e-12)
+### END INSTRUCTOR ONLY

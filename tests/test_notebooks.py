@@ -42,7 +42,7 @@ def code_cells(notebook):
 
 
 def test_there_are_notebooks():
-    assert len(NOTEBOOKS) >= 5, f"expected the course notebooks 00-05 in {NOTEBOOK_DIR}, found {NOTEBOOKS}"
+    assert len(NOTEBOOKS) >= 7, f"expected the course notebooks 00-06 in {NOTEBOOK_DIR}, found {NOTEBOOKS}"
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """The whole pipeline (`run --fast`) and a small frontier sweep on top of it.
 
-Checks that `run` writes every stage's folder, a combined summary with the same keys for
-every method, gold_vs_kl.png and a report whose table and sentences come from the
-measured numbers; and that `frontier --from` reuses that run's models and writes its
+Checks that `run` writes every stage's folder (GRPO and RLOO included), a combined summary
+with the same keys for every method, gold_vs_kl.png and a report whose table and sentences
+come from the measured numbers; and that `frontier --from` reuses that run's models and writes its
 figures and a report that compares DPO and PPO with a noise threshold.
 """
 import json
@@ -25,7 +25,7 @@ def fast_run(tmp_path_factory):
 
 def test_run_writes_every_stage_and_a_report(fast_run):
     out, combined = fast_run
-    for stage in ("sft", "prefs", "rm", "ppo", "dpo", "preferred_ft", "best_of_n"):
+    for stage in ("sft", "prefs", "rm", "ppo", "grpo", "rloo", "dpo", "preferred_ft", "best_of_n"):
         assert (out / stage / "summary.json").exists(), f"{stage}"
     for method in METHODS:
         stage = combined["stages"][method]
@@ -34,6 +34,9 @@ def test_run_writes_every_stage_and_a_report(fast_run):
     report = (out / "report.md").read_text()
     ppo_gold = combined["stages"]["ppo"]["eval/gold_reward"]
     assert f"| ppo | {ppo_gold:.3f}" in report                        # the table shows the measured number
+    rloo_gold = combined["stages"]["rloo"]["eval/gold_reward"]
+    assert f"| rloo | {rloo_gold:.3f}" in report and "- grpo lands " in report and "- rloo lands " in report
+    assert json.loads((out / "rloo" / "config.json").read_text())["advantage"] == "rloo"
     assert "(bound)" in report and "## Samples for the same prompts" in report
     assert (out / "gold_vs_kl.png").stat().st_size > 1000
 

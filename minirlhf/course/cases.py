@@ -265,6 +265,7 @@ def grading(seed=0):
     ], forbidden=("scaled_dot_product_attention", "multi_head_attention_forward", "MultiheadAttention",
                   "_scaled_dot_product", "flash_attention", "efficient_attention"))
 
+    g.update(critic_free_gradings(r))
     g.update(notebook_gradings(seed))
     return g
 
@@ -284,6 +285,136 @@ def _gae_lambda(named, args, lam):
                 nxt = float(values[b, steps[i + 1]]) if i + 1 < len(steps) else 0.0
                 expected[b, t] = float(rewards[b, t]) + gamma * nxt - float(values[b, t])
     return checks._differs(named["advantages"], expected, (1e-6, 1e-8))
+
+
+# ---------------------------------------------------------------------------------------
+# Critic-free RL: group baselines and the aggregation of per-token terms.
+
+
+def critic_free_gradings(r):
+    """group_advantages, rloo_advantages and masked_aggregate; `r(salt)` draws the reference inputs."""
+    gen = r(13)
+    rewards = torch.randn(6, 4, generator=gen, dtype=F64)
+    rewards[1] = 0.1                                          # an equal group: its mean rounds, r − mean is ±1 ulp
+    rewards[4, :2] = rewards[4, 2:]                           # ties inside a group that still varies
+    grpo_hint = ("(r − mean_g) / (std_g + eps) over dim=1 of each group (keepdim so it broadcasts), with the "
+                 "population std (correction=0; G − 1 only when unbiased=True); a group of equal rewards is exactly 0")
+    group = {
+        "group_advantages": Grading("group_advantages", "minirlhf.losses", "group_advantages", "output", [
+            *hand_checks(checks.group_advantages_cases, grpo_hint),
+            Check("hand", "G = 2: the population std of (0, 1) is 1/2", [{"args": {"rewards": _f64([[0.0, 1.0]]),
+                                                                                   "eps": 0.0}}],
+                  "the population std divides by G (here 2), not G − 1: a sample std gives ±0.707 instead of ±1",
+                  expected=[{"output": _f64([[-1.0, 1.0]])}]),
+            Check("hand", "equal rewards with eps = 0 give exactly 0, not NaN",
+                  [{"args": {"rewards": _f64([[0.1, 0.1, 0.1], [1.0, 2.0, 4.0]]), "eps": 0.0}}],
+                  "select equal groups with torch.where(_equal_groups(rewards), 0, …): 0/0 is NaN, and ±1 ulp / a "
+                  "std of 1e-17 is a large advantage", expected=[{"output": _f64([[0.0, 0.0, 0.0], [
+                      -4 / 3 / math.sqrt(14 / 9), -1 / 3 / math.sqrt(14 / 9), 5 / 3 / math.sqrt(14 / 9)]])}],
+                  tol=(1e-9, 1e-12)),
+            Check("property", "each group's advantages sum to 0 (GRPO and Dr. GRPO)",
+                  [{"args": {"rewards": rewards}}, {"args": {"rewards": rewards, "scale_std": False}}],
+                  "subtract each group's own mean (dim=1), not the batch's", verify=_sum_to_zero),
+            Check("property", "GRPO with eps = 0: each varying group's advantages have population std 1",
+                  [{"args": {"rewards": rewards, "eps": 0.0}}],
+                  "divide by the population std (correction=0): with G − 1 the std of the advantages is √((G−1)/G)",
+                  verify=_unit_std),
+            reference("random groups with ties and an equal group, every convention, values and gradient",
+                      [{"args": {"rewards": rewards, **kw}, "grad": ["rewards"]}
+                       for kw in ({}, {"scale_std": False}, {"unbiased": True, "eps": 1e-4})],
+                      grpo_hint, ("output",), tol=(1e-6, 1e-8)),
+        ]),
+    }
+
+    gen = r(14)
+    rewards = torch.randn(5, 3, generator=gen, dtype=F64)
+    rewards[2] = -0.7
+    rloo_hint = "r_i minus the mean of the OTHER G − 1 rewards of its group: (sum_g − r_i) / (G − 1)"
+    group["rloo_advantages"] = Grading("rloo_advantages", "minirlhf.losses", "rloo_advantages", "output", [
+        *hand_checks(checks.rloo_advantages_cases, rloo_hint),
+        Check("hand", "G = 2: each response against the other one", [{"args": {"rewards": _f64([[0.0, 1.0],
+                                                                                               [3.0, -1.0]])}}],
+              "leave response i out of its own baseline: with G = 2 the baseline is the other reward",
+              expected=[{"output": _f64([[-1.0, 1.0], [4.0, -4.0]])}]),
+        Check("property", "RLOO is G/(G−1)·(r − mean_g), G = 3 and G = 5",
+              [{"args": {"rewards": rewards}}, {"args": {"rewards": torch.randn(4, 5, generator=gen, dtype=F64)}}],
+              "the leave-one-out mean divides by G − 1 and excludes r_i; r − mean_g (with r_i in the mean) is "
+              "Dr. GRPO, smaller by (G−1)/G", verify=_rloo_scaling),
+        reference("random groups with an equal group, values and gradient",
+                  [{"args": {"rewards": rewards}, "grad": ["rewards"]}], rloo_hint, ("output",), tol=(1e-6, 1e-8)),
+    ])
+
+    gen = r(15)
+    x = torch.randn(5, 7, generator=gen, dtype=F64)
+    mask = response_mask(gen, 5, 7, dtype=F64, allow_empty=True)
+    x_nan = x.masked_fill(mask == 0, float("nan"))
+    equal = torch.zeros(4, 7, dtype=F64)
+    for b in range(4):                                        # every row 3 tokens long, at different offsets
+        start = int(torch.randint(0, 5, (1,), generator=gen))
+        equal[b, start:start + 3] = 1
+    aggregate_hint = ("sequence: the mean over each row's own tokens, then the mean over all B rows (an empty row "
+                      "adds 0 and still counts); constant: the masked sum / (B · max_tokens)")
+    group["masked_aggregate"] = Grading("masked_aggregate", "minirlhf.losses", "masked_aggregate", "output", [
+        *hand_checks(checks.masked_aggregate_cases, aggregate_hint),
+        Check("hand", "rows of 3 tokens and 1 token: each aggregation weighs them differently", [
+            {"args": {"x": _f64([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0]]), "mask": _f64([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]),
+                      "aggregation": name, "max_tokens": 4}} for name in ("sequence", "constant")],
+              "sequence is (mean of row 0 + mean of row 1) / 2 = (2 + 10)/2, not the token mean 16/4; constant "
+              "is 16 / (2 rows · 4)", expected=[{"output": 6.0}, {"output": 2.0}]),
+        Check("property", "all rows the same length: sequence, constant (max_tokens = that length) and token agree",
+              [{"args": {"x": x[:4], "mask": equal, "aggregation": name, "max_tokens": 3}}
+               for name in ("sequence", "constant", "token")],
+              "per row: masked_mean(x, mask, dim=1); the constant divides by B · max_tokens", verify=_all_equal),
+        reference("random rows with an empty one, values and gradient (each token's weight)",
+                  [{"args": {"x": x, "mask": mask, "aggregation": name, "max_tokens": 7}, "grad": ["x"]}
+                   for name in ("sequence", "constant")],
+                  "a token's weight is 1/(B·|row|) under sequence and 1/(B·max_tokens) under constant; an empty row "
+                  "counts among the B", ("output",), tol=(1e-6, 1e-8)),
+        reference("NaN off the mask never leaks in", [{"args": {"x": x_nan, "mask": mask, "aggregation": name,
+                                                                "max_tokens": 7}} for name in ("sequence", "constant")],
+                  "select the masked entries with torch.where (or masked_mean): NaN · 0 is NaN", ("output",),
+                  tol=(1e-6, 1e-8)),
+    ])
+    return group
+
+
+def _f64(rows):
+    return torch.tensor(rows, dtype=F64)
+
+
+def _sum_to_zero(outs, calls):
+    for named in outs:
+        sums = named["output"].sum(1)
+        if not torch.allclose(sums, torch.zeros_like(sums), atol=1e-9):
+            return f"group sums {checks._show(sums)}, expected 0 in every group"
+    return None
+
+
+def _unit_std(outs, calls):
+    rewards, advantages = calls[0]["args"]["rewards"], outs[0]["output"]
+    varying = ~(rewards == rewards[:, :1]).all(1)
+    std = advantages[varying].std(1, correction=0)
+    if not torch.allclose(std, torch.ones_like(std), atol=1e-6):
+        return f"the groups' population stds are {checks._show(std)}, expected 1"
+    return None
+
+
+def _rloo_scaling(outs, calls):
+    for named, call in zip(outs, calls):
+        rewards = call["args"]["rewards"]
+        G = rewards.shape[1]
+        expected = G / (G - 1) * (rewards - rewards.mean(1, keepdim=True))
+        problem = checks._differs(named["output"], expected, (1e-6, 1e-8))
+        if problem:
+            return f"G = {G}: {problem}"
+    return None
+
+
+def _all_equal(outs, calls):
+    values = [float(named["output"]) for named in outs]
+    if max(values) - min(values) > 1e-9:
+        return f"sequence, constant and token gave {', '.join(f'{v:.6g}' for v in values)}, expected one value"
+    return None
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ class Exercise:
 
 _L = "tests/test_losses.py::"
 _M = "tests/test_model.py::"
+_C = "tests/test_losses_critic_free.py::"
+_NB6 = "notebooks/06_grpo.ipynb"
 EXERCISES = (
     Exercise("attention_reference", "minirlhf/model.py", 2, "notebooks/01_tiny_gpt_and_sft.ipynb", "check_attention", (
         _M + "test_sdpa_equals_reference_attention_with_padding_mask",
@@ -86,6 +88,17 @@ EXERCISES = (
         _L + "test_dpo_ipo_has_its_minimum_at_margin_one_over_two_beta",
         _L + "test_cdpo_and_robust_reduce_to_sigmoid_at_zero_smoothing", _L + "test_gradcheck_dpo",
         _L + "test_extreme_margins_are_finite")),
+    Exercise("group_advantages", "minirlhf/losses.py", 1, _NB6, "check_group_advantages", (
+        _C + "test_group_advantages_by_hand", _C + "test_group_advantages_sum_to_zero_per_group",
+        _C + "test_rloo_is_g_over_g_minus_1_times_dr_grpo", _C + "test_equal_rewards_give_zero_advantages_and_zero_gradient",
+        _C + "test_advantages_match_naive_loops")),
+    Exercise("rloo_advantages", "minirlhf/losses.py", 1, _NB6, "check_rloo_advantages", (
+        _C + "test_rloo_advantages_by_hand", _C + "test_rloo_is_g_over_g_minus_1_times_dr_grpo",
+        _C + "test_equal_rewards_give_zero_advantages_and_zero_gradient", _C + "test_advantages_match_naive_loops")),
+    Exercise("masked_aggregate", "minirlhf/losses.py", 2, _NB6, "check_masked_aggregate", (
+        _C + "test_aggregations_by_hand", _C + "test_sequence_and_token_aggregation_agree_when_lengths_are_equal",
+        _C + "test_lengths_weigh_differently_under_each_aggregation",
+        _C + "test_sequence_aggregation_with_an_empty_row_is_finite", _C + "test_aggregation_matches_naive_loop")),
     # Notebook exercises: the cell after each checks it; the grader runs the function that the
     # student's exercise cell defines (no pytest tests of their own).
     Exercise("returns_to_go", "notebooks/00_rl_intro.ipynb", 1, "notebooks/00_rl_intro.ipynb", "", ()),
