@@ -24,6 +24,10 @@ from minirlhf.losses import token_logprobs
 # ---------------------------------------------------------------------------
 # The token loop
 
+class SamplingError(ValueError):
+    """The model's next-token distribution is not finite: nothing can be sampled from it."""
+
+
 @dataclass
 class Generation:
     """What `GPT.generate` returns; every tensor is (B, T0 + max_new_tokens) unless noted."""
@@ -51,7 +55,8 @@ def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int], 
     # sampling 1024 reviews take a third longer (benchmarks/bench_preferences.py).
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V), cdf[:, -1] is 1 up to round-off
     if not torch.isfinite(cdf[:, -1]).all():
-        raise ValueError("cannot sample: the next-token logits contain NaN or inf (has training diverged?)")
+        raise SamplingError("cannot sample: the next-token logits contain NaN or inf (has training diverged, "
+                            "or is the temperature too small?)")
     u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # (B, 1), u > 0
     # A token of probability 0 adds nothing to the cdf, so an earlier index always reaches u first.
     return torch.searchsorted(cdf, u).squeeze(-1)  # (B,)
