@@ -38,7 +38,7 @@ from minirlhf.reward import FAST as RM_FAST, RewardConfig, train_reward_model
 from minirlhf.runs import Interrupted, NonFiniteLossError
 from minirlhf.sampling import SamplingError, sample_completions
 from minirlhf.sft import FAST as SFT_FAST, SFTConfig, train_sft
-from minirlhf.tasks import get_task
+from minirlhf.tasks import TASKS, get_task
 from minirlhf.tokenizer import EOT, load_tokenizer, train_and_save
 
 try:                                      # a student copy ships without the grader's files
@@ -63,8 +63,11 @@ def add_stage_flags(parser, out_required=False):
 
 def build_config(defaults, fast_overrides, args, extra=None):
     """Defaults, then --fast, then --seed, then named flags, then --set (last word wins); validated."""
-    return build(defaults, fast=fast_overrides if args.fast else None, seed=args.seed,
-                 overrides=[extra, args.set]).validate()
+    config = build(defaults, fast=fast_overrides if args.fast else None, seed=args.seed,
+                   overrides=[extra, args.set]).validate()
+    if hasattr(config, "task"):        # a typo is refused now, not at the evaluation after training
+        require(config.task in TASKS, f"unknown task {config.task!r}; known tasks: {', '.join(TASKS)}")
+    return config
 
 
 def out_dir(args):

@@ -14,7 +14,8 @@ What is checked, each with the smallest run that shows it:
   - a resumed DPO run writes the same metrics.jsonl, row for row, as an uninterrupted one;
   - every bad value or file of the issue's list is one `error:` line with exit code 2, and an
     unexpected error is one line saying where to report it, with the traceback saved in a file;
-  - silent nonsense is refused: max_new_tokens=0, a collect run that would write no rankings;
+  - silent nonsense is refused: DPO with max_new_tokens=0 (before loading anything), a collect
+    run that would write no rankings;
   - Best-of-N draws its N samples in calls of at most batch_size sequences.
 """
 import dataclasses
@@ -375,6 +376,23 @@ def test_a_bad_stage_command_is_one_line_before_any_work(case, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unwritable_out_is_one_line(tmp_path, monkeypatch, capsys):
+    def refused(self, *args, **kwargs):        # as root, permissions cannot refuse: the system's answer, faked
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+    monkeypatch.setattr(Path, "mkdir", refused)
+    code, _, err = cli(capsys, "sft", "--fast", "--quiet", "--set", *SFT_SET, "--out", tmp_path / "locked" / "out")
+    assert code == 2 and "cannot create the run folder" in one_line(err) and "Permission denied" in err
+
+
+@pytest.mark.parametrize("setting, says", [("ref_batch_size=0", "ref_batch_size"),
+                                           ("n_periodic_eval=0 eval_every=5", "n_periodic_eval"),
+                                           ("max_new_tokens=0", "max_new_tokens")])
+def test_an_impossible_dpo_value_is_refused_before_loading_anything(setting, says, tmp_path, capsys):
+    code, _, err = cli(capsys, "dpo", "--sft", tmp_path / "no-sft", "--prefs", tmp_path / "no-prefs", "--fast",
+                       "--quiet", "--set", *setting.split(), "--out", tmp_path / "out")
+    assert code == 2 and says in one_line(err)
+
+
 @pytest.mark.parametrize("kind, record", [
     ("demonstrations", {"prompt": "the movie", "completion": " was good .<|endoftext|>"}),
     ("pairs", {"prompt": "the <|endoftext|>", "chosen": " a", "rejected": " b"}),
@@ -414,12 +432,6 @@ def test_an_unexpected_error_says_where_to_report_and_saves_the_traceback(monkey
 
 # ---------------------------------------------------------------------------
 # 9: silent nonsense is refused
-
-def test_dpo_with_no_new_tokens_is_refused(prefs, tmp_path, capsys):
-    code, _, err = cli(capsys, "dpo", "--sft", tiny_sft_dir(), "--prefs", prefs, "--fast", "--quiet",
-                       "--set", "max_new_tokens=0", "--out", tmp_path / "out")
-    assert code == 2 and "max_new_tokens" in one_line(err)
-
 
 def test_collect_refuses_to_write_an_empty_rankings_file(tmp_path, capsys):
     code, _, err = cli(capsys, "collect", "--sft", tiny_sft_dir(), "--fast", "--quiet", "--set",
