@@ -13,7 +13,14 @@ model:
 * the temperature plot (Fig. 2 right's analogue): the final policies' win rate against SFT
   samples (temperature 1), judged by the gold judge, as their sampling temperature varies;
 * over-optimisation (Gao et al. 2022): a long PPO run with no KL penalty, proxy and gold
-  reward against KL.
+  reward against KL, with their functional forms fitted (`optimum.fit_gao`);
+* GRPO and RLOO (critic-free RL, `grpo.py`) over the KL coefficient β, beside PPO;
+* the ceiling (`optimum.py`): the best gold reward any policy can reach at each KL,
+  π*_β ∝ π_SFT·exp(g/β), estimated from many SFT samples of each evaluation prompt, and
+  every method's efficiency against it.
+
+The runs are independent, so they run side by side as processes, one thread each, as many
+at once as there are cores (`parallel.py`; `--set workers=1` runs them one at a time).
 
 The report states which frontier is higher at each KL budget, from the measured points;
 it does not assume the paper's answer.
@@ -25,16 +32,16 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from minirlhf import baselines, dpo, ppo
+from minirlhf import baselines, dpo, grpo, optimum, ppo, runs
 from minirlhf.checkpoints import load_gpt
 from minirlhf.config import ConfigError, build, require, validate
 from minirlhf.data import default_path, read_prompts
-from minirlhf.files import read_json, write_json
-from minirlhf.frontier_report import (COLOURS, best_within, frontier_envelope, plot_frontier,  # noqa: F401
-                                      plot_overoptimisation, write_report)
+from minirlhf.files import load_torch, read_json, save_torch, write_json
+from minirlhf.frontier_report import (COLOURS, best_within, frontier_envelope, plot_ceiling_convergence,  # noqa: F401
+                                      plot_frontier, plot_overoptimisation, write_report)
 from minirlhf.optim import step_generator
+from minirlhf.parallel import Job, run_jobs
 from minirlhf.pipeline import stage_functions
 from minirlhf.sampling import sample_completions
 from minirlhf.tasks import get_task
@@ -47,19 +54,25 @@ class FrontierConfig:
     dpo_betas: str = "0.1,0.25,0.5,1.0,2.0"   # DPO's β values (the paper's loss: dpo.PLAIN_DPO)
     rpo_betas: str = "0.25,1.0"               # RPO's β values (dpo's defaults: DPO + the NLL term)
     ppo_kl_coefs: str = "0.02,0.05,0.2,0.5"   # PPO's per-token KL coefficients β
-    ppo_gt_kl_coefs: str = "0.05"             # PPO on the gold reward (PPO-GT)
+    ppo_gt_kl_coefs: str = "0.02,0.05,0.2"    # PPO on the gold reward (PPO-GT), its own β sweep
+    grpo_kl_coefs: str = "0.02,0.05,0.2"      # GRPO's β (k1 in the reward, as PPO)
+    rloo_kl_coefs: str = "0.05,0.2"           # RLOO's β
     bon_ns: str = "1,4,16,64"                 # Best-of-N sample counts
     temperatures: str = "0.25,0.5,0.75,1.0"   # sampling temperatures for the win-rate plot
     n_eval: int = 128                         # test prompts per periodic evaluation
     ppo_eval_every: int = 10                  # PPO iterations between evaluations
     dpo_eval_every: int = 40                  # DPO steps between evaluations (Preferred-FT: a fifth of it)
     overopt_iterations: int = 60              # length of the no-KL PPO run (over-optimisation)
+    ceiling_samples: int = 1024               # SFT samples per evaluation prompt for the ceiling (0: no ceiling)
+    ceiling_min_ess: float = 32.0             # draw the ceiling only where this many samples carry it (ESS)
+    workers: int = 0                          # runs at once, one process each (0: one per core)
     seed: int = 0                             # seed of every run
 
     validate = validate
 
     def check_together(self):
-        for name in ("dpo_betas", "rpo_betas", "ppo_kl_coefs", "ppo_gt_kl_coefs", "bon_ns", "temperatures"):
+        for name in ("dpo_betas", "rpo_betas", "ppo_kl_coefs", "ppo_gt_kl_coefs", "grpo_kl_coefs", "rloo_kl_coefs",
+                     "bon_ns", "temperatures"):
             try:
                 values = floats(getattr(self, name))
             except ValueError:
@@ -73,11 +86,19 @@ class FrontierConfig:
         require(self.ppo_eval_every > 0 and self.overopt_iterations > 0,
                        "ppo_eval_every and overopt_iterations must be positive")
         require(self.dpo_eval_every >= 0, "dpo_eval_every must be >= 0 (0: final evaluation only)")
+        require(self.ceiling_samples == 0 or self.ceiling_samples >= 16,
+                "ceiling_samples must be 0 (no ceiling) or at least 16")
+        require(self.ceiling_min_ess >= 1, "ceiling_min_ess must be >= 1")
+        require(self.workers >= 0, "workers must be >= 0 (0: one per core)")
 
 
 FAST = dict(dpo_betas="0.1,1.0", rpo_betas="0.25", ppo_kl_coefs="0.05,0.5", ppo_gt_kl_coefs="0.05",
-            bon_ns="1,4", temperatures="0.5,1.0", n_eval=32, ppo_eval_every=4, dpo_eval_every=10,
-            overopt_iterations=12)
+            grpo_kl_coefs="0.05", rloo_kl_coefs="0.05", bon_ns="1,4", temperatures="0.5,1.0", n_eval=32,
+            ppo_eval_every=4, dpo_eval_every=10, overopt_iterations=12, ceiling_samples=256)
+
+
+class SweepFailed(RuntimeError):
+    """Some runs of the sweep failed; the others finished and --resume keeps them."""
 
 
 def floats(text):
@@ -87,36 +108,84 @@ def floats(text):
 # ---------------------------------------------------------------------------
 # The runs
 
+TRAINERS = {"dpo": dpo.train_dpo, "rpo": dpo.train_dpo, "preferred_ft": baselines.train_preferred_ft,
+            "ppo": ppo.train_ppo, "ppo_gt": ppo.train_ppo, "grpo": grpo.train_grpo, "rloo": grpo.train_grpo}
+PREFERENCE_METHODS = ("dpo", "rpo", "preferred_ft")
+
+
 def sweep_runs(config, fast):
-    """(method, label, run(out_dir, base, resume=False, overwrite=False) -> summary) for every point of the sweep."""
-    seed, kw = config.seed, dict(progress=False)
-
+    """(method, label, stage config) for every training run of the sweep, in report order."""
     def stage(defaults, fast_overrides, variant=None, **extra):
-        return build(defaults, variant=variant, fast=fast_overrides if fast else None, seed=seed, overrides=[extra])
+        return build(defaults, variant=variant, fast=fast_overrides if fast else None, seed=config.seed,
+                     overrides=[extra])
 
-    runs = []
+    evals = dict(n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)
+    points = []
     for method, betas, variant in (("dpo", config.dpo_betas, dpo.PLAIN_DPO), ("rpo", config.rpo_betas, None)):
         for beta in floats(betas):
-            cfg = stage(dpo.DPOConfig(), dpo.FAST, variant=variant, beta=beta, eval_every=config.dpo_eval_every,
-                        n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)
-            runs.append((method, f"β={beta:g}", lambda out, b, cfg=cfg, **more: dpo.train_dpo(
-                cfg, b / "sft", b / "prefs" / "rankings.jsonl", out, **kw, **more)))
-    cfg = stage(baselines.PreferredFTConfig(), baselines.PREFERRED_FT_FAST,
-                eval_every=max(1, config.dpo_eval_every // 5), n_periodic_eval=config.n_eval,
-                n_eval_samples=config.n_eval)
-    runs.append(("preferred_ft", "", lambda out, b, cfg=cfg, **more: baselines.train_preferred_ft(
-        cfg, b / "sft", b / "prefs" / "rankings.jsonl", out, **kw, **more)))
-    for reward, coefs in (("rm", config.ppo_kl_coefs), ("gold", config.ppo_gt_kl_coefs)):
+            points.append((method, f"β={beta:g}", stage(dpo.DPOConfig(), dpo.FAST, variant=variant, beta=beta,
+                                                        eval_every=config.dpo_eval_every, **evals)))
+    points.append(("preferred_ft", "", stage(baselines.PreferredFTConfig(), baselines.PREFERRED_FT_FAST,
+                                             eval_every=max(1, config.dpo_eval_every // 5), **evals)))
+    for method, coefs, cls, fast_overrides, extra in (
+            ("ppo", config.ppo_kl_coefs, ppo.PPOConfig, ppo.FAST, {}),
+            ("ppo_gt", config.ppo_gt_kl_coefs, ppo.PPOConfig, ppo.FAST, dict(reward="gold")),
+            ("grpo", config.grpo_kl_coefs, grpo.GRPOConfig, grpo.FAST, {}),
+            ("rloo", config.rloo_kl_coefs, grpo.GRPOConfig, grpo.FAST, dict(advantage="rloo"))):
         for coef in floats(coefs):
-            cfg = stage(ppo.PPOConfig(), ppo.FAST, reward=reward, kl_coef=coef, eval_every=config.ppo_eval_every,
-                        n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)
-            runs.append(("ppo" if reward == "rm" else "ppo_gt", f"β={coef:g}",
-                         lambda out, b, cfg=cfg, **more: ppo.train_ppo(cfg, b / "sft", b / "rm", out, **kw, **more)))
+            points.append((method, f"β={coef:g}", stage(cls(), fast_overrides, kl_coef=coef,
+                                                        eval_every=config.ppo_eval_every, **evals, **extra)))
     for n in floats(config.bon_ns):
-        cfg = stage(baselines.BestOfNConfig(), baselines.BEST_OF_N_FAST, n=int(n), n_eval_samples=config.n_eval)
-        runs.append(("best_of_n", f"N={int(n)}", lambda out, b, cfg=cfg, resume=False, overwrite=False:
-                     baselines.run_best_of_n(cfg, b / "sft", b / "rm", out, overwrite=overwrite, **kw)))
-    return runs
+        points.append(("best_of_n", f"N={int(n)}", stage(baselines.BestOfNConfig(), baselines.BEST_OF_N_FAST,
+                                                        n=int(n), n_eval_samples=config.n_eval)))
+    return points
+
+
+def run_dir_of(out, method, label):
+    return out / "runs" / f"{method}{'_' + label.replace('β=', 'beta').replace('N=', 'n') if label else ''}"
+
+
+def train_point(method, config, base, out_dir, resume=False, overwrite=False, device="cpu"):
+    """One training run of the sweep, in its own process (`parallel.run_jobs`)."""
+    base, kw = Path(base), dict(device=device, overwrite=overwrite, progress=False)
+    if method == "best_of_n":
+        return baselines.run_best_of_n(config, base / "sft", base / "rm", out_dir, **kw)
+    second = base / "prefs" / "rankings.jsonl" if method in PREFERENCE_METHODS else base / "rm"
+    return TRAINERS[method](config, base / "sft", second, out_dir, resume=resume, **kw)
+
+
+# ---------------------------------------------------------------------------
+# The ceiling: many samples of the SFT model per evaluation prompt, scored by the gold judge
+
+@torch.no_grad()
+def sample_ceiling(base, path, n_samples, n_prompts, seed, device="cpu", batch_size=256):
+    """Save the gold reward of `n_samples` SFT samples of each of the first `n_prompts` test
+    prompts (the prompts every method is evaluated on) as a (P, N) tensor at `path`."""
+    tokenizer, gold_fn = load_tokenizer(), get_task("reviews").gold_reward
+    model = load_gpt(Path(base) / "sft", tokenizer=tokenizer).to(device)
+    prompts = read_prompts(default_path("prompts_test"))[:n_prompts]
+    per_chunk = max(1, batch_size // n_samples) if n_samples < batch_size else 1
+    rows = []
+    for chunk, start in enumerate(range(0, len(prompts), per_chunk)):
+        repeated = [p for p in prompts[start:start + per_chunk] for _ in range(n_samples)]
+        completions = sample_completions(model, tokenizer, repeated, batch_size=batch_size, temperature=1.0,
+                                         max_new_tokens=48, max_prompt_tokens=16,
+                                         generator=step_generator(seed, -1000 - chunk))
+        gold = torch.tensor(gold_fn([p + c for p, c in zip(repeated, completions)]), dtype=torch.float64)
+        rows.append(gold.view(-1, n_samples))                                  # (prompts in chunk, N)
+        if runs.on_step is not None:
+            runs.on_step("ceiling", min(start + per_chunk, len(prompts)), len(prompts))
+    save_torch(torch.cat(rows), path)
+
+
+def ceiling_summary(gold, min_ess):
+    """The ceiling curve at the full sample count, and at fewer samples to show its convergence."""
+    betas = [2.0 ** k for k in range(3, -9, -1)] + [0.005, 0.003, 0.002, 0.001]
+    n = gold.shape[1]
+    sizes = sorted({min(n, s) for s in (16, 64, 256, 1024, 4096, n)})
+    return {"n_samples": n, "n_prompts": gold.shape[0], "min_ess": min_ess, "log_n": float(torch.log(torch.tensor(n))),
+            "curve": optimum.ceiling_curve(gold, betas, min_ess),
+            "convergence": {str(s): optimum.ceiling_curve(gold[:, :s], betas, min_ess) for s in sizes}}
 
 
 def points_of(run_dir, summary):
@@ -185,26 +254,40 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
                        "`python -m minirlhf run` folder as --from, or leave --from out")
 
     results = {"sft": [{"label": "", "points": [(0.0, read_json(base / "sft" / "summary.json")["eval/gold_reward"])]}]}
+    points = sweep_runs(config, fast)
+    overopt_dir, ceiling_path = out / "runs" / "ppo_overoptimisation", out / "runs" / "ceiling_gold.pt"
+    overopt_config = build(ppo.PPOConfig(), fast=ppo.FAST if fast else None, seed=config.seed,   # evaluated every
+                           overrides=[dict(kl_coef=0.0, iterations=config.overopt_iterations, eval_every=1,  # iteration
+                                           n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)])
+    jobs = []
+    for method, label, cfg in points + [("ppo", "overoptimisation", overopt_config)]:
+        run_dir = overopt_dir if label == "overoptimisation" else run_dir_of(out, method, label)
+        if not (resume and (run_dir / "summary.json").exists()):
+            jobs.append(Job(run_dir.name, "minirlhf.experiments:train_point", dict(
+                method=method, config=cfg, base=str(base), out_dir=str(run_dir), device=device, overwrite=overwrite,
+                resume=resume and (run_dir / "checkpoint.pt").exists())))
+    if config.ceiling_samples and not (resume and ceiling_path.exists()):
+        jobs.append(Job("ceiling", "minirlhf.experiments:sample_ceiling", dict(
+            base=str(base), path=str(ceiling_path), n_samples=config.ceiling_samples, n_prompts=config.n_eval,
+            seed=config.seed, device=device)))
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    outcomes = run_jobs(jobs, workers=config.workers or None, progress=progress)
+    failed = [o for o in outcomes.values() if o.status != "done"]
+    if failed:
+        raise SweepFailed("; ".join(f"{o.name}: {o.error}" for o in failed) +
+                          f" — the other runs finished; fix the cause and rerun with --resume to train only these")
+    seconds = {o.name: o.seconds for o in outcomes.values()}
+
     finals = {}
-    for method, label, run in tqdm(sweep_runs(config, fast), desc="frontier", disable=not progress):
-        run_dir = out / "runs" / f"{method}{'_' + label.replace('β=', 'beta').replace('N=', 'n') if label else ''}"
-        if resume and (run_dir / "summary.json").exists():
-            summary = read_json(run_dir / "summary.json")
-        else:
-            summary = run(run_dir, base, resume=resume and (run_dir / "checkpoint.pt").exists(), overwrite=overwrite)
+    for method, label, _ in points:
+        run_dir = run_dir_of(out, method, label)
+        summary = read_json(run_dir / "summary.json")
         results.setdefault(method, []).append({"label": label, "dir": str(run_dir), "points": points_of(run_dir, summary),
-                                               "final": {k: v for k, v in summary.items() if k != "eval/samples"}})
+                                               "final": {k: v for k, v in summary.items() if k != "eval/samples"},
+                                               "wall_seconds": seconds.get(run_dir.name)})
         finals.setdefault(method, run_dir)   # the first setting of each method goes into the win-rate plot
 
     # Over-optimisation (Gao et al. 2022): no KL penalty, a long run, proxy and gold against KL.
-    overopt_dir = out / "runs" / "ppo_overoptimisation"
-    if not (resume and (overopt_dir / "summary.json").exists()):
-        # evaluated every iteration: without the KL penalty the gold reward peaks within a few iterations
-        cfg = build(ppo.PPOConfig(), fast=ppo.FAST if fast else None, seed=config.seed,
-                    overrides=[dict(kl_coef=0.0, iterations=config.overopt_iterations, eval_every=1,
-                                    n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)])
-        ppo.train_ppo(cfg, base / "sft", base / "rm", overopt_dir, progress=False, overwrite=overwrite,
-                      resume=resume and (overopt_dir / "checkpoint.pt").exists())
     overopt = [r for r in map(json.loads, (overopt_dir / "metrics.jsonl").read_text().splitlines())
                if "eval/gold_reward" in r]
     # its starting point: Best-of-1 is the SFT model's own samples on the same test prompts, scored
@@ -214,15 +297,20 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
         overopt.insert(0, {"step": 0, "eval/kl": 0.0, "eval/gold_reward": best_of_1[0]["eval/gold_reward"],
                            "eval/proxy_reward": best_of_1[0]["eval/proxy_reward"]})
 
+    ceiling = None
+    if config.ceiling_samples:
+        ceiling = ceiling_summary(load_torch(ceiling_path), config.ceiling_min_ess)
+        plot_ceiling_convergence(ceiling, out / "ceiling_convergence.png")
     temperatures = floats(config.temperatures)
-    rates = win_rates({m: finals[m] for m in ("ppo", "dpo", "rpo", "preferred_ft", "ppo_gt") if m in finals},
-                      base, temperatures, config.n_eval, config.seed)
-    plot_frontier(results, temperatures, rates, out / "frontier.png")
+    rates = win_rates({m: finals[m] for m in ("ppo", "grpo", "rloo", "dpo", "rpo", "preferred_ft", "ppo_gt")
+                       if m in finals}, base, temperatures, config.n_eval, config.seed)
+    plot_frontier(results, temperatures, rates, out / "frontier.png", ceiling=ceiling)
     plot_overoptimisation(overopt, out / "overoptimisation.png")
     summary = {"results": results, "win_rates": {"temperatures": temperatures, **rates},
                "overoptimisation": [{k: r[k] for k in ("step", "eval/kl", "eval/gold_reward", "eval/proxy_reward")}
                                     for r in overopt],
-               "base": str(base), "fast": fast, "seed": config.seed, "n_eval": config.n_eval,
+               "ceiling": ceiling, "base": str(base), "fast": fast, "seed": config.seed, "n_eval": config.n_eval,
+               "workers": config.workers or None, "run_seconds": seconds,
                "total_seconds": time.perf_counter() - started}
     write_report(summary, out / "frontier.md")
     write_json(out / "summary.json", summary)

@@ -3,15 +3,19 @@
 Everything here reads measured points; the sentences are generated from them, so the
 report says whichever frontier came out higher, by how much, and at which KL.
 """
+import math
+
 from minirlhf.files import atomic_write_text
+from minirlhf.optimum import best_of_n_kl_bound, ceiling_at, fit_gao
 from minirlhf.runs import figure
 
-COLOURS = {"dpo": "tab:red", "rpo": "tab:brown", "ppo": "tab:blue", "ppo_gt": "tab:purple",
-           "preferred_ft": "tab:green", "best_of_n": "tab:orange", "sft": "black"}
+COLOURS = {"dpo": "tab:red", "rpo": "tab:brown", "ppo": "tab:blue", "ppo_gt": "tab:purple", "grpo": "tab:cyan",
+           "rloo": "tab:olive", "preferred_ft": "tab:green", "best_of_n": "tab:orange", "sft": "black"}
 
 KL_BUDGETS = [0.5, 1, 2, 4, 8, 16, 32]
 NAMES = {"sft": "SFT", "dpo": "DPO", "rpo": "RPO (DPO + NLL, the kit's default)", "ppo": "PPO (reward model)",
-         "ppo_gt": "PPO-GT (gold reward)", "preferred_ft": "Preferred-FT", "best_of_n": "Best-of-N"}
+         "ppo_gt": "PPO-GT (gold reward)", "grpo": "GRPO (reward model)", "rloo": "RLOO (reward model)",
+         "preferred_ft": "Preferred-FT", "best_of_n": "Best-of-N"}
 
 
 def frontier_envelope(points):
@@ -34,10 +38,14 @@ def _all_points(runs):
     return [p for run in runs for p in run["points"]]
 
 
-def plot_frontier(results, temperatures, rates, path):
-    """Left: gold reward vs KL, every evaluation as a dot, each method's frontier as a line.
-    Right: win rate against SFT samples vs sampling temperature."""
+def plot_frontier(results, temperatures, rates, path, ceiling=None):
+    """Left: gold reward vs KL, every evaluation as a dot, each method's frontier as a line, and
+    the ceiling (where its estimate is trusted). Right: win rate against SFT samples vs temperature."""
     fig, (left, right) = figure(1, 2, figsize=(11, 4.2))
+    if ceiling:
+        trusted = [r for r in ceiling["curve"] if r["trusted"]]
+        left.plot([r["kl"] for r in trusted], [r["gold"] for r in trusted], "k--", lw=1.6,
+                  label=f"ceiling π*_β (estimate, {ceiling['n_samples']} SFT samples/prompt)")
     for method, runs in results.items():
         points = _all_points(runs)
         left.scatter([p[0] for p in points], [p[1] for p in points], s=12, alpha=0.45, color=COLOURS[method])
@@ -49,7 +57,7 @@ def plot_frontier(results, temperatures, rates, path):
     left.set_ylabel("gold reward")
     left.set_title("Reward vs KL frontier (cf. DPO paper, Fig. 2 left)")
     left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, loc="lower right")
     for method, values in rates.items():
         right.plot(temperatures, values, "-o", color=COLOURS[method], label=NAMES[method])
     right.axhline(0.5, color="grey", ls="--", lw=1)
@@ -59,6 +67,24 @@ def plot_frontier(results, temperatures, rates, path):
     right.set_ylim(0, 1)
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_ceiling_convergence(ceiling, path):
+    """The ceiling estimated from 16, 64, … samples per prompt: where the curves agree, it has converged."""
+    fig, ax = figure(figsize=(6, 4.2))
+    for size, curve in ceiling["convergence"].items():
+        trusted = [r for r in curve if r["trusted"]]
+        ax.plot([r["kl"] for r in curve], [r["gold"] for r in curve], ":", lw=1, alpha=0.6)
+        ax.plot([r["kl"] for r in trusted], [r["gold"] for r in trusted], "-o", ms=3,
+                color=ax.lines[-1].get_color(), label=f"N = {size} (log N = {math.log(int(size)):.1f} nats)")
+    ax.set_xlabel("KL(π*_β ‖ π_SFT), nats (estimate)")
+    ax.set_ylabel("gold reward of π*_β (estimate)")
+    ax.set_title("The ceiling as the samples per prompt grow\n(solid: median ESS ≥ "
+                 f"{ceiling['min_ess']:g}; dotted: not trusted)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -84,7 +110,8 @@ def write_report(summary, path):
     methods = [m for m in NAMES if m in results]
     lines = ["# Reward vs KL frontier", "",
              f"Seed {summary['seed']}, {'fast' if summary['fast'] else 'full'} sweep, "
-             f"{summary['total_seconds'] / 60:.1f} minutes. Base models (SFT, preferences, reward model): "
+             f"{summary['total_seconds'] / 60:.1f} minutes "
+             f"({summary.get('workers') or 'one per core'} runs at a time, one thread each). Base models (SFT, preferences, reward model): "
              f"`{summary['base']}`. Every point is one evaluation: gold reward and KL(π‖π_SFT) "
              "of one sample per test prompt (Best-of-N: the analytic KL bound log N − (N−1)/N).", "",
              "![frontier](frontier.png)", "", "## Best gold reward within a KL budget", "",
@@ -95,13 +122,14 @@ def write_report(summary, path):
         lines.append(f"| {NAMES[m]} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in best[m]) + " |")
     lines += ["", *comparison(best, "dpo", "ppo", summary["n_eval"]),
               "", *comparison(best, "rpo", "ppo", summary["n_eval"]), "", "## Every run", "",
-              "| method | setting | final gold reward | final KL | train seconds |", "| --- | --- | ---: | ---: | ---: |"]
+              "| method | setting | final gold reward | final KL | train seconds | wall seconds |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for m in methods:
         for run in results[m]:
             final = run.get("final", {})
             gold, kl = run["points"][-1][1], run["points"][-1][0]
             lines.append(f"| {NAMES[m]} | {run['label']} | {gold:.3f} | {kl:.2f} | "
-                         f"{final.get('train/seconds', 0.0):.1f} |")
+                         f"{final.get('train/seconds', 0.0):.1f} | {_fmt_s(run.get('wall_seconds'))} |")
     rates = summary["win_rates"]
     temps = rates["temperatures"]
     lines += ["", "## Win rate against SFT samples by sampling temperature", "",
@@ -110,8 +138,76 @@ def write_report(summary, path):
         if m != "temperatures":
             lines.append(f"| {NAMES[m]} (first setting) | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     lines += ["", "## Over-optimisation", "", "![over-optimisation](overoptimisation.png)", "",
-              *overoptimisation_sentences(summary["overoptimisation"])]
+              *overoptimisation_sentences(summary["overoptimisation"]), "", *gao_fits(summary)]
+    if summary.get("ceiling"):
+        lines += ["", *ceiling_section(summary["ceiling"], best, methods, results)]
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def ceiling_section(ceiling, best, methods, results):
+    """The ceiling's curve, its convergence, and each method's efficiency against it."""
+    trusted = [r for r in ceiling["curve"] if r["trusted"]]
+    top = trusted[-1]
+    lines = ["## The ceiling: the best any policy can reach", "",
+             f"π*_β ∝ π_SFT·exp(g/β) (DPO eq. 4 with the gold reward g) maximises gold reward at each KL. "
+             f"Estimated by self-normalised weights from {ceiling['n_samples']} SFT samples of each of the "
+             f"{ceiling['n_prompts']} evaluation prompts (`minirlhf/optimum.py`). A finite sample cannot express a "
+             f"KL above log N = {ceiling['log_n']:.1f} nats; the curve is drawn and used only where the median "
+             f"effective sample size is at least {ceiling['min_ess']:g}: up to KL {top['kl']:.2f} "
+             f"(gold {top['gold']:.3f}). It is an estimate: a method's point above it means noise in its "
+             "evaluation, or an estimate not converged.", "",
+             "![convergence](ceiling_convergence.png)", "",
+             "| samples per prompt | " + " | ".join(f"KL ≤ {b:g}" for b in KL_BUDGETS) + " |",
+             "| --- |" + " ---: |" * len(KL_BUDGETS)]
+    for size, curve in ceiling["convergence"].items():
+        lines.append(f"| {size} | " + " | ".join(_fmt(ceiling_at(curve, b)) for b in KL_BUDGETS) + " |")
+    lines += ["", "Each method's **efficiency**: its best gold reward within the KL budget divided by the "
+              "ceiling's at that KL (– where the ceiling is not trusted or the method has no point).", "",
+              "| method | " + " | ".join(f"KL ≤ {b:g}" for b in KL_BUDGETS) + " |", "| --- |" + " ---: |" * len(KL_BUDGETS)]
+    for m in methods:
+        cells = []
+        for budget, value in zip(KL_BUDGETS, best[m]):
+            roof = ceiling_at(ceiling["curve"], budget)
+            cells.append("–" if value is None or roof is None else f"{value / roof:.2f}")
+        lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for run in results.get("best_of_n", []):
+        n = int(run["label"].split("=")[1])
+        kl, gold = run["points"][-1]
+        roof = ceiling_at(ceiling["curve"], kl)
+        lines.append(f"- Best-of-{n}: KL {kl:.2f} (the bound log N − (N−1)/N = {best_of_n_kl_bound(n):.2f} of "
+                     f"Beirami et al. 2024, used as its KL), gold {gold:.3f}, ceiling at that KL "
+                     + ("not trusted" if roof is None else f"{roof:.3f}: efficiency {gold / roof:.2f}") + ".")
+    return lines
+
+
+def gao_fits(summary):
+    """Gao et al. 2022's functional forms fitted to the kit's own curves (d = √KL)."""
+    out = ["### Over-optimisation's functional forms (Gao et al. 2022)", "",
+           "Gold reward gained over the SFT model, fitted by least squares: RL d·(α − β·log d) on the no-KL "
+           "PPO run, Best-of-N d·(α − β·d) on the Best-of-N points.", "",
+           "| curve | form | α | β | R² | points |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    rows = summary["overoptimisation"]
+    bon = [run["points"][-1] for run in summary["results"].get("best_of_n", [])]
+    sft = summary["results"]["sft"][0]["points"][0][1]
+    for name, points, base in (("PPO, β = 0", [(r["eval/kl"], r["eval/gold_reward"]) for r in rows],
+                                rows[0]["eval/gold_reward"] if rows else sft), ("Best-of-N", bon, sft)):
+        for form, label in (("rl", "d(α − β log d)"), ("bon", "d(α − β d)")):
+            if len(points) < 3:
+                out.append(f"| {name} | {label} | – | – | – | {len(points)} (too few to fit) |")
+                continue
+            fit = fit_gao([k for k, _ in points], [g - base for _, g in points], form)
+            out.append(f"| {name} | {label} | {fit['alpha']:.3f} | "
+                       f"{fit['beta']:.3f} | {fit['r2']:.3f} | {len(points)} |")
+    return out
+
+
+def _fmt_s(seconds):
+    return "–" if seconds is None else f"{seconds:.0f}"
+
+
+def _fmt(value):
+    return "–" if value is None else f"{value:.3f}"
 
 
 def comparison(best, a, b, n_eval):

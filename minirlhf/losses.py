@@ -35,6 +35,7 @@ Deliberate simplifications:
   - Metrics are batch means on one process; nothing is all-reduced.
 """
 
+import itertools
 import math
 
 import torch
@@ -616,3 +617,36 @@ def rloo_advantages_reference(rewards):
             others = [group[j] for j in range(len(group)) if j != i]
             out[b, i] = r - sum(others) / len(others)
     return out
+
+
+# ---------------------------------------------------------------------------
+# pass@k: an estimator for verifiable tasks
+
+def pass_at_k(n, c, k):
+    """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021, §2.1).
+
+    pass@k is the probability that at least one of k samples is correct. Drawing k of the n
+    samples without replacement, all k are wrong with probability C(n−c, k) / C(n, k), so
+
+        pass@k ≈ 1 − C(n−c, k) / C(n, k) = 1 − Π_{i=n−c+1}^{n} (1 − k/i)
+
+    The product form never forms the huge binomials (C(256, 64) overflows a float). It is 1
+    when fewer than k samples are wrong (every k-subset holds a correct one). n, c, k are
+    ints with 0 ≤ c ≤ n and 1 ≤ k ≤ n; returns a float.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        all_wrong *= 1.0 - k / i
+    return 1.0 - all_wrong
+
+
+def pass_at_k_bruteforce(n, c, k):
+    """The same estimate by counting: the share of all k-subsets of the n samples that hold a correct one.
+
+    Samples 0 .. c−1 are the correct ones. Exponential in n: for tests on small n only."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)

@@ -52,6 +52,11 @@ except ImportError:                # Windows: no advisory locks; one writer per 
     fcntl = None
 
 
+# Set by a parent process that watches this run (minirlhf/parallel.py): called as
+# on_step(stage, steps_done, total) after every step.
+on_step = None
+
+
 class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint; `--resume` continues it."""
 
@@ -140,6 +145,8 @@ class Run:
             for step in self._bar:
                 self.step = step
                 yield step
+                if on_step is not None:
+                    on_step(self.stage, step + 1, total)
                 if stop.requested:
                     self.checkpoint(step + 1)
                     raise Interrupted(step + 1, self.out_dir)

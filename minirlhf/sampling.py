@@ -57,7 +57,11 @@ def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int], 
     if not torch.isfinite(cdf[:, -1]).all():
         raise SamplingError("cannot sample: the next-token logits contain NaN or inf (has training diverged, "
                             "or is the temperature too small?)")
-    u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # (B, 1), u > 0
+    # the uniforms come from the generator's own device (the kit's generators live on the CPU), so the same
+    # seed draws the same samples on every device, and a CUDA/MPS run never mixes devices in torch.rand
+    draw_on = generator.device if generator is not None else cdf.device
+    u = torch.rand(len(cdf), 1, generator=generator, device=draw_on).to(cdf.device)   # (B, 1)
+    u = (1 - u) * cdf[:, -1:]                                                          # (B, 1), u > 0
     # A token of probability 0 adds nothing to the cdf, so an earlier index always reaches u first.
     return torch.searchsorted(cdf, u).squeeze(-1)  # (B,)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from minirlhf.config import apply_overrides
+from minirlhf.files import load_torch
 from minirlhf.experiments import FAST, FrontierConfig, run_frontier
 from minirlhf.frontier_report import best_within, frontier_envelope
 from minirlhf.pipeline import METHODS, run_pipeline
@@ -41,10 +42,21 @@ def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
     base, _ = fast_run
     config = apply_overrides(FrontierConfig(), {**FAST, "dpo_betas": "0.1", "ppo_kl_coefs": "0.05",
                                                        "bon_ns": "1,2", "temperatures": "1.0",
-                                                       "overopt_iterations": 4, "ppo_gt_kl_coefs": "0.05"})
+                                                       "overopt_iterations": 4, "ppo_gt_kl_coefs": "0.05",
+                                                       "ceiling_samples": 32})
     summary = run_frontier(config, tmp_path / "frontier", base_dir=base, fast=True, progress=False)
     assert not (tmp_path / "frontier" / "base").exists()                  # the run's models were reused
-    assert {"dpo", "rpo", "ppo", "ppo_gt", "preferred_ft", "best_of_n", "sft"} <= summary["results"].keys()
+    assert {"dpo", "rpo", "ppo", "ppo_gt", "grpo", "rloo", "preferred_ft", "best_of_n",
+            "sft"} <= summary["results"].keys()
+    rloo_config = json.loads((Path(summary["results"]["rloo"][0]["dir"]) / "config.json").read_text())
+    assert rloo_config["advantage"] == "rloo"
+    # the ceiling: 32 SFT samples of each evaluation prompt; at KL 0 it is the SFT model's own mean gold
+    gold = load_torch(tmp_path / "frontier" / "runs" / "ceiling_gold.pt")
+    assert gold.shape == (config.n_eval, 32) and ((gold >= 0) & (gold <= 1)).all()
+    ceiling = summary["ceiling"]
+    assert ceiling["curve"][0]["kl"] == 0.0 and abs(ceiling["curve"][0]["gold"] - gold.mean().item()) < 1e-9
+    assert all(r["kl"] <= ceiling["log_n"] + 1e-9 for r in ceiling["curve"])      # never beyond log N
+    assert all(o > 0 for o in summary["run_seconds"].values())
     # the paper's DPO and RPO are different runs: the one without and the one with the NLL term
     dpo_config, rpo_config = (json.loads((Path(summary["results"][m][0]["dir"]) / "config.json").read_text())
                               for m in ("dpo", "rpo"))
@@ -54,10 +66,15 @@ def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
     best_of_1 = next(r["final"] for r in summary["results"]["best_of_n"] if r["label"] == "N=1")
     assert [r["step"] for r in overopt] == [0, 1, 2, 3, 4]
     assert (overopt[0]["eval/kl"], overopt[0]["eval/gold_reward"]) == (0.0, best_of_1["eval/gold_reward"])
-    for name in ("frontier.png", "overoptimisation.png", "frontier.md"):
+    for name in ("frontier.png", "overoptimisation.png", "frontier.md", "ceiling_convergence.png"):
         assert (tmp_path / "frontier" / name).exists(), f"{name}"
     report = (tmp_path / "frontier" / "frontier.md").read_text()
     assert "within noise" in report and "Over-optimisation" in report
+    assert "The ceiling" in report and "efficiency" in report and "Gao et al." in report
+    # --resume on a finished sweep trains nothing again and reports the same points
+    again = run_frontier(config, tmp_path / "frontier", base_dir=base, fast=True, progress=False, resume=True)
+    points = lambda results: {m: [list(map(list, run["points"])) for run in runs] for m, runs in results.items()}
+    assert again["run_seconds"] == {} and points(again["results"]) == points(summary["results"])
 
 
 def test_frontier_envelope_and_budget_by_hand():
