@@ -12,7 +12,9 @@ import argparse
 import json
 import secrets
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from minirlhf.baselines import (BEST_OF_N_FAST, PREFERRED_FT_FAST, BestOfNConfig
                                 train_preferred_ft)
 from minirlhf.checkpoints import load_gpt
 from minirlhf.collect import FAST as COLLECT_FAST, CollectConfig, collect
-from minirlhf.config import ConfigError, build, pick_device, require
+from minirlhf.config import ConfigError, build, check_seed, pick_device, require
 from minirlhf.data import DATA_DIR, DataError, default_path, read_jsonl
 from minirlhf.dpo import FAST as DPO_FAST, DPOConfig, train_dpo
 from minirlhf.course import exercises
@@ -34,10 +36,10 @@ from minirlhf.pipeline import run_pipeline
 from minirlhf.ppo import FAST as PPO_FAST, PPOConfig, train_ppo
 from minirlhf.reward import FAST as RM_FAST, RewardConfig, train_reward_model
 from minirlhf.runs import Interrupted, NonFiniteLossError
-from minirlhf.sampling import sample_completions
+from minirlhf.sampling import SamplingError, sample_completions
 from minirlhf.sft import FAST as SFT_FAST, SFTConfig, train_sft
-from minirlhf.tasks import get_task
-from minirlhf.tokenizer import load_tokenizer, train_and_save
+from minirlhf.tasks import TASKS, get_task
+from minirlhf.tokenizer import EOT, load_tokenizer, train_and_save
 
 try:                                      # a student copy ships without the grader's files
     from minirlhf.course import grade as grading, gradebook
@@ -61,8 +63,11 @@ def add_stage_flags(parser, out_required=False):
 
 def build_config(defaults, fast_overrides, args, extra=None):
     """Defaults, then --fast, then --seed, then named flags, then --set (last word wins); validated."""
-    return build(defaults, fast=fast_overrides if args.fast else None, seed=args.seed,
-                 overrides=[extra, args.set]).validate()
+    config = build(defaults, fast=fast_overrides if args.fast else None, seed=args.seed,
+                   overrides=[extra, args.set]).validate()
+    if hasattr(config, "task"):        # a typo is refused now, not at the evaluation after training
+        require(config.task in TASKS, f"unknown task {config.task!r}; known tasks: {', '.join(TASKS)}")
+    return config
 
 
 def out_dir(args):
@@ -113,6 +118,8 @@ def sft_flags(p):
 def cmd_sample(args):
     require(args.temperature >= 0, "--temperature must be >= 0 (0 is greedy)")
     require(args.n >= 1 and args.max_new_tokens >= 1, "-n and --max-new-tokens must be at least 1")
+    require(args.top_k is None or args.top_k >= 1, "--top-k must be at least 1 (leave it out to keep every token)")
+    require(EOT not in args.prompt, f"--prompt holds the literal {EOT}, the special token that ends a sequence")
     tokenizer = load_tokenizer()
     model = load_gpt(args.model, pick_device(args.device), tokenizer)
     generator = torch.Generator().manual_seed(args.seed)
@@ -405,14 +412,22 @@ def make_parser():
     return parser
 
 
+REPORT_TO = "your instructor or the kit's maintainers"
+# Errors the user can fix: one line and exit code 2. OSError covers a full disk, no permission, a
+# folder where a file was expected, as the operating system words it.
+EXPECTED = (ConfigError, DataError, FileNotFoundError, ExerciseError, SamplingError, OSError)
+
+
 def main(argv=None):
     args = make_parser().parse_args(argv)
     try:
+        for name in ("seed",):                       # every command's seeds: in [0, 2**32)
+            check_seed(getattr(args, name, None), f"--{name}")
         COMMANDS[args.command][0](args)
-    except (ConfigError, DataError, FileNotFoundError, ExerciseError) as e:
+    except EXPECTED as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except NotImplementedError as e:  # a stub of the student copy: name the exercise, no traceback
         if args.debug or unfinished_message(e) is None:
@@ -433,7 +448,34 @@ def main(argv=None):
         print("\ninterrupted; nothing was saved since the last checkpoint. With a checkpoint.pt in --out, "
               "run the same command with --resume to continue.", file=sys.stderr)
         return 130
+    except Exception as e:             # a bug: say so in one line, keep the traceback in a file
+        if args.debug:
+            raise
+        saved = save_traceback()
+        print(f"error: unexpected {type(e).__name__}: {one_line(e)} -- this is a bug in minirlhf; please report "
+              f"it to {REPORT_TO} with the traceback {'saved in ' + saved if saved else 'that --debug shows'}",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def one_line(error):
+    """The error's message on one line; an OSError names its file and the system's reason."""
+    if isinstance(error, OSError) and error.strerror and not isinstance(error, FileNotFoundError):
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    text = " ".join(str(error).split())
+    return text[:500] or type(error).__name__
+
+
+def save_traceback():
+    """Write the current exception's traceback to a file in the temporary folder; its path, or None."""
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="minirlhf-traceback-", suffix=".txt", delete=False) as f:
+            f.write(f"minirlhf {version()}: python -m minirlhf {' '.join(sys.argv[1:])}\n\n")
+            traceback.print_exc(file=f)
+            return f.name
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

@@ -184,29 +184,35 @@ def best_of_n_kl_bound(n):
 def best_of_n(policy, tokenizer, prompts, rank_fn, gold_fn, config, generator, progress=False):
     """Sample `config.n` completions per prompt; keep the one `rank_fn` scores highest.
 
-    rank_fn(tokens, attention_mask, texts) -> (b,) scores of the b = prompts_in_call · N
-    sampled sequences (tokens, attention_mask (b, T); texts: prompt + completion strings).
-    Returns one dict per prompt: text, gold, score (the ranker's), eos, length of the kept
-    sample, and mean_gold, the mean gold reward of all N samples (plain SFT sampling).
+    rank_fn(tokens, attention_mask, texts) -> (b,) scores of the b sampled sequences of one call
+    (tokens, attention_mask (b, T); texts: prompt + completion strings). The prompt·N samples are
+    drawn in calls of at most `config.batch_size` sequences (whole prompts per call when N fits in
+    one), and each prompt keeps only its best sample so far and a running sum of gold rewards, so
+    memory does not grow with N. Returns one dict per prompt: text, gold, score (the ranker's),
+    eos, length of the kept sample, and mean_gold, the mean gold reward of all N samples (plain
+    SFT sampling).
     """
-    n, kept = config.n, []
-    per_call = max(1, config.batch_size // n)
-    for start in tqdm(range(0, len(prompts), per_call), desc=f"best-of-{n}", disable=not progress):
-        batch = prompts[start:start + per_call]
-        repeated = [p for p in batch for _ in range(n)]                      # N samples per prompt, adjacent
+    n = config.n
+    samples = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]    # N samples per prompt, adjacent
+    per_call = max(1, config.batch_size // n) * n if n <= config.batch_size else config.batch_size
+    kept, gold_sums = [None] * len(prompts), [0.0] * len(prompts)
+    for start in tqdm(range(0, len(samples), per_call), desc=f"best-of-{n}", disable=not progress):
+        batch = samples[start:start + per_call]
+        repeated = [p for _, p in batch]
         out, completions = generate(policy, tokenizer, repeated, max_new_tokens=config.max_new_tokens,
                                     max_prompt_tokens=config.max_prompt_tokens,
                                     temperature=config.temperature, generator=generator)
         texts = [p + c for p, c in zip(repeated, completions)]
-        scores = torch.as_tensor(rank_fn(out.tokens, out.attention_mask, texts), dtype=torch.float).view(len(batch), n)   # (P, N)
-        best = scores.argmax(-1)                                             # (P,) first maximum wins ties
-        golds = torch.tensor(gold_fn(texts), dtype=torch.float64).view(len(batch), n)   # (P, N)
-        lengths = out.response_mask.sum(-1).view(len(batch), n)              # (P, N)
-        finished = out.finished.view(len(batch), n)                          # (P, N)
-        for i, j in enumerate(best.tolist()):
-            kept.append({"text": texts[i * n + j], "gold": golds[i, j].item(), "score": scores[i, j].item(),
-                         "eos": float(finished[i, j]), "length": int(lengths[i, j]),
-                         "mean_gold": golds[i].mean().item()})
+        scores = torch.as_tensor(rank_fn(out.tokens, out.attention_mask, texts), dtype=torch.float).view(-1)  # (b,)
+        golds = gold_fn(texts)
+        lengths = out.response_mask.sum(-1).tolist()                         # (b,)
+        for j, (i, _) in enumerate(batch):
+            gold_sums[i] += golds[j]
+            if kept[i] is None or scores[j].item() > kept[i]["score"]:      # the first maximum wins ties
+                kept[i] = {"text": texts[j], "gold": float(golds[j]), "score": scores[j].item(),
+                           "eos": float(out.finished[j]), "length": int(lengths[j])}
+    for record, total in zip(kept, gold_sums):
+        record["mean_gold"] = total / n
     return kept
 
 
@@ -230,7 +236,7 @@ def run_best_of_n(config, sft_dir, rm_dir, out_dir, device="cpu", overwrite=Fals
     started = time.perf_counter()
     require(config.ranker == "gold" or rm_dir, "ranker=rm needs a reward model: pass --rm DIR "
                    "(or --set ranker=gold for the oracle)")
-    run = Run(out_dir, "bon", config, overwrite=overwrite, sft=sft_dir, rm=rm_dir)
+    Run(out_dir, "bon", config, overwrite=overwrite)   # refuse a finished --out before loading anything
     tokenizer = load_tokenizer()
     gold_fn = get_task(config.task).gold_reward
     policy = load_gpt(sft_dir, device, tokenizer)
@@ -241,29 +247,29 @@ def run_best_of_n(config, sft_dir, rm_dir, out_dir, device="cpu", overwrite=Fals
         rank_fn = lambda tokens, mask, texts: reward_model.score(tokens.to(device), mask.to(device)).cpu()
     else:
         rank_fn = lambda tokens, mask, texts: gold_fn(texts)
-    run.start({})
-
-    t0 = time.perf_counter()
-    kept = best_of_n(policy, tokenizer, prompts, rank_fn, gold_fn, config,
-                     step_generator(config.seed, -1), progress)      # the generator evaluate_policy uses
-    golds = [k["gold"] for k in kept]
-    summary = {
-        "eval/gold_reward": statistics.mean(golds),
-        "eval/gold_reward_sem": statistics.stdev(golds) / len(golds) ** 0.5 if len(golds) > 1 else 0.0,
-        "eval/eos_rate": statistics.mean(k["eos"] for k in kept),
-        "eval/length": statistics.mean(k["length"] for k in kept),
-        "eval/n_samples": len(kept),
-        "eval/kl": best_of_n_kl_bound(config.n),
-        "eval/kl_is_analytic_bound": True,
-        "bon/n": config.n,
-        "bon/gold_reward_all_samples": statistics.mean(k["mean_gold"] for k in kept),
-        "eval/seconds": time.perf_counter() - t0,
-        "eval/samples": [{"text": k["text"], "gold": round(k["gold"], 4)} for k in kept[:5]],
-    }
-    if config.ranker == "rm":
-        summary["eval/proxy_reward"] = statistics.mean(k["score"] for k in kept)
-    if config.test_prefs:
-        summary["eval/reward_accuracy"] = ranker_accuracy(rank_fn, tokenizer, config.test_prefs, config,
-                                                          policy.config.block_size)
-    summary["train/seconds"] = time.perf_counter() - started    # the whole stage (nothing is trained)
-    return run.finish(summary)
+    with Run(out_dir, "bon", config, overwrite=overwrite, sft=sft_dir, rm=rm_dir) as run:
+        run.start({})
+        t0 = time.perf_counter()
+        kept = best_of_n(policy, tokenizer, prompts, rank_fn, gold_fn, config,
+                         step_generator(config.seed, -1), progress)      # the generator evaluate_policy uses
+        golds = [k["gold"] for k in kept]
+        summary = {
+            "eval/gold_reward": statistics.mean(golds),
+            "eval/gold_reward_sem": statistics.stdev(golds) / len(golds) ** 0.5 if len(golds) > 1 else 0.0,
+            "eval/eos_rate": statistics.mean(k["eos"] for k in kept),
+            "eval/length": statistics.mean(k["length"] for k in kept),
+            "eval/n_samples": len(kept),
+            "eval/kl": best_of_n_kl_bound(config.n),
+            "eval/kl_is_analytic_bound": True,
+            "bon/n": config.n,
+            "bon/gold_reward_all_samples": statistics.mean(k["mean_gold"] for k in kept),
+            "eval/seconds": time.perf_counter() - t0,
+            "eval/samples": [{"text": k["text"], "gold": round(k["gold"], 4)} for k in kept[:5]],
+        }
+        if config.ranker == "rm":
+            summary["eval/proxy_reward"] = statistics.mean(k["score"] for k in kept)
+        if config.test_prefs:
+            summary["eval/reward_accuracy"] = ranker_accuracy(rank_fn, tokenizer, config.test_prefs, config,
+                                                              policy.config.block_size)
+        summary["train/seconds"] = time.perf_counter() - started    # the whole stage (nothing is trained)
+        return run.finish(summary)

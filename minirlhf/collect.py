@@ -85,21 +85,10 @@ def label_agreement(rankings_with_gold):
 # ---------------------------------------------------------------------------
 # Collection
 
-def collect(config, sft_dir, out_dir, device="cpu", overwrite=False, progress=True):
-    """Sample, label and write the preference datasets; return the summary dict."""
-    config.validate()
-    tokenizer = load_tokenizer()
-    policy = load_gpt(sft_dir, device, tokenizer)
-    check_generation_fits(config, policy.config.block_size)
-    gold_fn = get_task(config.task).gold_reward
-    prompts = read_prompts(config.prompts, tokenizer, config.max_prompt_tokens)[:config.n_prompts]
-    require(len(prompts) >= 2, f"{config.prompts} holds fewer than 2 prompts")
-    run = Run(out_dir, "collect", config, overwrite=overwrite, sft=sft_dir)
-    run.start({})
-    out_dir = run.out_dir
+def label(policy, tokenizer, prompts, gold_fn, config, progress):
+    """Shuffle the prompts; sample K completions of each and rank them with the simulated labeler.
+    Returns (rankings, each ranking's gold scores in its order, every sample's gold score)."""
     random.Random(config.seed).shuffle(prompts)
-    n_test = max(1, round(len(prompts) * config.test_fraction))
-
     generator = torch.Generator().manual_seed(config.seed)
     labeler_rng = torch.Generator().manual_seed(config.seed + 1)
     per_batch = max(1, config.batch_size // config.k)
@@ -118,19 +107,36 @@ def collect(config, sft_dir, out_dir, device="cpu", overwrite=False, progress=Tr
             rankings.append({"prompt": prompt, "completions": [group[j] for j in order]})
             ordered_golds.append([group_gold[j] for j in order])
             all_golds.extend(group_gold)
+    return rankings, ordered_golds, all_golds
 
-    test, train = rankings[:n_test], rankings[n_test:]
-    for name, records in (("rankings", train), ("rankings_test", test)):
-        write_jsonl(out_dir / f"{name}.jsonl", records)
-        write_jsonl(out_dir / f"{name.replace('rankings', 'pairs')}.jsonl",
-                    [pair for r in records for pair in pairs_of_ranking(r["prompt"], r["completions"])])
-    summary = {
-        "labels/agreement": label_agreement(ordered_golds[n_test:]),
-        "labels/agreement_test": label_agreement(ordered_golds[:n_test]),
-        "labels/mean_gold": statistics.mean(all_golds),
-        "labels/train_rankings": len(train),
-        "labels/test_rankings": len(test),
-        "labels/train_pairs": len(train) * config.k * (config.k - 1) // 2,
-        "labels/identical_completions": sum(len(set(r["completions"])) < config.k for r in rankings) / len(rankings),
-    }
-    return run.finish(summary)
+
+def collect(config, sft_dir, out_dir, device="cpu", overwrite=False, progress=True):
+    """Sample, label and write the preference datasets; return the summary dict."""
+    config.validate()
+    tokenizer = load_tokenizer()
+    policy = load_gpt(sft_dir, device, tokenizer)
+    check_generation_fits(config, policy.config.block_size)
+    gold_fn = get_task(config.task).gold_reward
+    prompts = read_prompts(config.prompts, tokenizer, config.max_prompt_tokens)[:config.n_prompts]
+    require(len(prompts) >= 2, f"{config.prompts} holds fewer than 2 prompts")
+    n_test = max(1, round(len(prompts) * config.test_fraction))
+    require(n_test < len(prompts), f"test_fraction={config.test_fraction:g} of {len(prompts)} prompts holds out "
+            "every prompt: rankings.jsonl would be empty; lower test_fraction or raise n_prompts")
+    with Run(out_dir, "collect", config, overwrite=overwrite, sft=sft_dir) as run:
+        run.start({})
+        rankings, ordered_golds, all_golds = label(policy, tokenizer, prompts, gold_fn, config, progress)
+        test, train = rankings[:n_test], rankings[n_test:]
+        for name, records in (("rankings", train), ("rankings_test", test)):
+            write_jsonl(run.out_dir / f"{name}.jsonl", records)
+            write_jsonl(run.out_dir / f"{name.replace('rankings', 'pairs')}.jsonl",
+                        [pair for r in records for pair in pairs_of_ranking(r["prompt"], r["completions"])])
+        summary = {
+            "labels/agreement": label_agreement(ordered_golds[n_test:]),
+            "labels/agreement_test": label_agreement(ordered_golds[:n_test]),
+            "labels/mean_gold": statistics.mean(all_golds),
+            "labels/train_rankings": len(train),
+            "labels/test_rankings": len(test),
+            "labels/train_pairs": len(train) * config.k * (config.k - 1) // 2,
+            "labels/identical_completions": sum(len(set(r["completions"])) < config.k for r in rankings) / len(rankings),
+        }
+        return run.finish(summary)

@@ -59,8 +59,21 @@ def checked(default, rule, why=""):
     return dataclasses.field(default=default, metadata={"rule": rule, "why": why})
 
 
+SEED_RANGE = (0, 2**32)   # numpy's and most generators' seeds: 0 <= seed < 2**32
+
+
+def check_seed(seed, name="seed"):
+    require(seed is None or (isinstance(seed, int) and SEED_RANGE[0] <= seed < SEED_RANGE[1]),
+            f"{name} must be an integer in [0, 2**32), got {seed!r}")
+
+
 def validate(config):
-    """Check every field that declares a rule, then `config.check_together()` if it has one."""
+    """Check every field that declares a rule, then `config.check_together()` if it has one.
+    The seed that every stage has is checked here: in [0, 2**32). (The task's name is checked by the
+    command line's `build_config`, before any training: the tasks' modules import this one.)"""
+    names = {f.name for f in dataclasses.fields(config)}
+    if "seed" in names:
+        check_seed(config.seed)
     for field in dataclasses.fields(config):
         rule, value = field.metadata.get("rule"), getattr(config, field.name)
         if rule is not None and value is not None and not rule.ok(value):

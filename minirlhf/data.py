@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from minirlhf.files import atomic_write_text
+
 FORMATS = {
     "demonstrations": {"prompt": str, "completion": str},
     "pairs": {"prompt": str, "chosen": str, "rejected": str},
@@ -26,6 +28,7 @@ FORMATS = {
     "prompts": {"prompt": str},
 }
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+EOT = "<|endoftext|>"   # the special token that ends every sequence: it cannot appear in the text itself
 
 
 class DataError(ValueError):
@@ -72,6 +75,11 @@ def read_jsonl(path, kind, tokenizer=None, max_prompt_tokens=None):
                 ranked = record["completions"]
                 if len(ranked) < 2 or not all(isinstance(c, str) for c in ranked):
                     raise DataError(f"{where}: 'completions' must be a list of at least 2 strings")
+            texts = [record[name] for name in fields if isinstance(record[name], str)]
+            texts += record["completions"] if kind == "rankings" else []
+            if any(EOT in text for text in texts):
+                raise DataError(f"{where}: the text holds the literal {EOT}, the special token that ends "
+                                "a sequence; remove it from the data")
             if tokenizer is not None:
                 try:
                     encode_prompt(tokenizer, record["prompt"], max_prompt_tokens)
@@ -90,12 +98,7 @@ def read_prompts(path, tokenizer=None, max_prompt_tokens=None):
 
 def write_jsonl(path, records):
     """Write records one per line, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def default_path(split):

@@ -13,12 +13,33 @@ import torch
 from minirlhf.config import ConfigError
 
 
+class WriteError(ConfigError):
+    """A file could not be written (a full disk, no permission); the previous file is kept whole."""
+
+
 def atomic_write_text(path, text):
     """Write to a temporary file, then rename: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _write_then_rename(lambda: tmp.write_text(text), tmp, path)
+
+
+def _write_then_rename(write, tmp, path):
+    """Run `write` (which fills `tmp`), then rename `tmp` to `path`. On a failure (a full disk)
+    the temporary file is removed and the previous `path` stays as it was."""
+    try:
+        write()
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, NotImplementedError):
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+            raise WriteError(f"cannot write {path}: {why}; the previous file, if any, is unchanged "
+                             "(free some space or pick a writable --out, then rerun or --resume)") from None
+        raise
 
 
 def write_json(path, obj):
@@ -26,21 +47,27 @@ def write_json(path, obj):
 
 
 def read_json(path):
+    """The JSON value in `path`; a missing, unreadable or malformed file is a one-line ConfigError."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist") from None
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def save_torch(obj, path):
     """torch.save to a temporary file, then rename (atomic on POSIX)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _write_then_rename(lambda: torch.save(obj, tmp), tmp, path)
 
 
 def load_torch(path, map_location="cpu"):
@@ -48,6 +75,8 @@ def load_torch(path, map_location="cpu"):
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:

@@ -93,7 +93,14 @@ def run_pipeline(out_dir, fast=False, seed=0, device="cpu", resume=False, overwr
     if any(out.glob("*/config.json")) and not (overwrite or resume):
         raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it, --overwrite to "
                                  "start again, or choose another --out")
+    settings = {"fast": fast, "seed": seed}     # one configuration for every stage (docs/reliability.md)
+    recorded = read_json(out / "run.json") if resume and (out / "run.json").exists() else settings
+    if recorded != settings:
+        raise ConfigError(f"--resume with other settings than the run in {out} ({recorded} -> {settings}): "
+                          f"resume with {'--fast' if recorded.get('fast') else 'no --fast'} and --seed "
+                          f"{recorded.get('seed')}, or start again with --overwrite")
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "run.json", settings)
     combined = {"data": ensure_data(), "fast": fast, "seed": seed, "stages": {}}
     # read once: timings.json is rewritten after every stage, with the stages seen so far
     timings = read_json(out / "timings.json") if resume and (out / "timings.json").exists() else {}

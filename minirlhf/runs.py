@@ -21,12 +21,20 @@ A run folder holds
 Ctrl-C or kill (SIGTERM) during `run.steps` finishes the current step, saves a checkpoint and
 raises `Interrupted`; `--resume` continues from it with the same batches (each batch depends
 only on the seed and the step). A NaN or inf loss stops the run, keeping the last good checkpoint.
+
+Nothing on disk changes before `run.start`: `Run(...)` only checks the folder's state, so a
+command refused while it loads its inputs leaves a finished run as it was (--overwrite deletes
+the old files in `start`, once the new run can begin). `start` locks the folder (one writer per
+run folder; the system drops the lock when the process dies) and, with --resume, refuses
+settings that differ from the ones the run was started with.
 """
 import dataclasses
 import json
 import math
+import os
 import signal
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +43,13 @@ from tqdm.auto import tqdm
 
 from minirlhf.checkpoints import save_model
 from minirlhf.config import ConfigError
-from minirlhf.files import atomic_write_text, load_torch, save_torch, write_json
+from minirlhf.files import WriteError, atomic_write_text, load_torch, read_json, save_torch, write_json
+from minirlhf.tokenizer import DEFAULT_RANKS_PATH, fingerprint
+
+try:
+    import fcntl
+except ImportError:                # Windows: no advisory locks; one writer per folder is then up to the user
+    fcntl = None
 
 
 # Set by a parent process that watches this run (minirlhf/parallel.py): called as
@@ -62,13 +76,14 @@ class Run:
     """One stage's run folder, from an empty folder (or a checkpoint) to summary.json."""
 
     def __init__(self, out_dir, stage, config, *, resume=False, overwrite=False, progress=True, **inputs):
-        """Prepare `out_dir` (refusing a finished or interrupted run without --overwrite / --resume).
-        `inputs` (the folders and files the stage read) are recorded in config.json."""
-        self.out_dir = prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
+        """Check that `out_dir` may take this run (refusing a finished or interrupted run without
+        --overwrite / --resume); nothing is written yet. `inputs` (the folders and files the stage
+        read) are recorded in config.json."""
+        self.out_dir = check_run_dir(out_dir, overwrite=overwrite, resume=resume)
         self.stage, self.config, self.inputs = stage, config, inputs
-        self.resume, self.progress = resume, progress
+        self.resume, self.overwrite, self.progress = resume, overwrite, progress
         self.modules, self.state, self.extra_state = {}, {}, dict
-        self.rows, self.window, self.step, self._steps, self._bar = [], [], 0, None, None
+        self.rows, self.window, self.step, self._steps, self._bar, self._lock = [], [], 0, None, None, None
 
     def __enter__(self):
         return self
@@ -76,22 +91,45 @@ class Run:
     def __exit__(self, *exc):
         if self._steps is not None:
             self._steps.close()           # leaves the training loop: signal handlers restored
+        self.release()
         return False
 
-    def start(self, modules, model_config=None, extra_state=dict):
-        """Write config.json; with --resume, load checkpoint.pt into `modules` (models and
-        optimizers by name). Returns the step to start from. `extra_state()` -> dict of more
-        values a checkpoint keeps (PPO's adaptive KL coefficient); after a resume they are in
-        `run.state`."""
-        self.modules, self.extra_state = modules, extra_state
-        start, rows = 0, []
-        if self.resume:
-            start, rows, self.state = resume_training(self.out_dir, modules)
-        model = {"model": dataclasses.asdict(model_config)} if model_config is not None else {}
+    def release(self):
+        """Give up the folder's lock (the system also drops it when the process ends)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def settings(self, model_config=None):
+        """What config.json records: the stage's config, the model's shape and tokenizer, the inputs."""
+        model = {"model": dataclasses.asdict(model_config),
+                 "tokenizer": fingerprint(DEFAULT_RANKS_PATH)} if model_config is not None else {}
         inputs = {k: (str(v) if v is not None else None) for k, v in self.inputs.items()}
-        write_json(self.out_dir / "config.json",
-                   {**dataclasses.asdict(self.config), **model, "stage": self.stage, **inputs})
-        self.log_file = MetricsLog(self.out_dir / "metrics.jsonl", rows)
+        return {**dataclasses.asdict(self.config), **model, "stage": self.stage, **inputs}
+
+    def start(self, modules, model_config=None, extra_state=dict):
+        """The run begins: lock the folder, then delete the old run's files (--overwrite) or load
+        checkpoint.pt into `modules`, models and optimizers by name (--resume), and write
+        config.json. Returns the step to start from. `extra_state()` -> dict of more values a
+        checkpoint keeps (PPO's adaptive KL coefficient); after a resume they are in `run.state`."""
+        self.modules, self.extra_state = modules, extra_state
+        settings = self.settings(model_config)
+        self._lock = lock_run_dir(self.out_dir)
+        try:
+            check_run_dir(self.out_dir, overwrite=self.overwrite, resume=self.resume)   # again, under the lock
+            start, rows = 0, []
+            if self.resume:
+                check_same_settings(self.out_dir, settings)
+                start, rows, self.state = resume_training(self.out_dir, modules)
+                self.window = list(self.state.get("metrics_window", []))
+            elif self.overwrite:
+                for name in RUN_FILES:
+                    (self.out_dir / name).unlink(missing_ok=True)
+            write_json(self.out_dir / "config.json", settings)
+            self.log_file = MetricsLog(self.out_dir / "metrics.jsonl", rows)
+        except BaseException:
+            self.release()
+            raise
         self.rows, self.step = self.log_file.rows, start
         return start
 
@@ -123,7 +161,7 @@ class Run:
 
     def average(self, metrics):
         """Keep a step's metrics; the next `log` writes their mean over the steps since the last log."""
-        self.window.append(metrics)
+        self.window.append(dict(metrics))
 
     def log(self, row):
         """Append a line to metrics.jsonl: the mean of the averaged metrics, then `row`."""
@@ -132,7 +170,9 @@ class Run:
         self.log_file.log({**means, **row})
 
     def checkpoint(self, step):
-        save_checkpoint(self.out_dir, step, self.modules, self.extra_state())
+        """Save what --resume needs after `step` steps, with the metrics averaged since the last log
+        line: a resumed metrics.jsonl then equals an uninterrupted one."""
+        save_checkpoint(self.out_dir, step, self.modules, {**self.extra_state(), "metrics_window": self.window})
 
     def plot(self, keys, name, title):
         """One panel per metric of metrics.jsonl against the step, saved as `name`."""
@@ -144,23 +184,87 @@ class Run:
             save_model(model, self.out_dir)
         write_json(self.out_dir / "summary.json", summary)
         (self.out_dir / "checkpoint.pt").unlink(missing_ok=True)
+        self.release()
         return summary
 
 
-def prepare_run_dir(out_dir, overwrite=False, resume=False):
-    """Create the run folder; refuse to write into a finished one without --overwrite."""
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "model.pt")   # what --overwrite deletes
+
+
+# ---------------------------------------------------------------------------
+# The run folder's state, its lock, and --resume's settings
+
+def check_run_dir(out_dir, overwrite=False, resume=False):
+    """Refuse an --out that cannot take this run, before anything is written: a file (or a path
+    below one), a finished run without --overwrite, an interrupted one without --resume or
+    --overwrite, --resume without a checkpoint. Returns the folder as a Path."""
     out_dir = Path(out_dir)
+    for parent in (out_dir, *out_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--out {out_dir}: {parent} is a file, not a folder")
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    if resume and not (out_dir / "checkpoint.pt").exists():
+        why = "the run there finished" if (out_dir / "summary.json").exists() else "nothing to resume"
+        raise ConfigError(f"--resume: no checkpoint in {out_dir} ({why}); nothing was changed")
     if (out_dir / "summary.json").exists() and not (overwrite or resume):
         raise ConfigError(f"{out_dir} already holds a finished run; pass --overwrite to replace it "
                           "or choose another --out")
     if (out_dir / "checkpoint.pt").exists() and not (overwrite or resume):
         raise ConfigError(f"{out_dir} holds an interrupted run; pass --resume to continue it, --overwrite "
                           "to start again, or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite and not resume:
-        for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+    return out_dir
+
+
+def prepare_run_dir(out_dir, overwrite=False, resume=False):
+    """Check the folder, create it and, with --overwrite, delete the previous run's files: for
+    code that writes at once. Stages use `Run`, which deletes only when the new run starts."""
+    out_dir = check_run_dir(out_dir, overwrite=overwrite, resume=resume)
+    make_dir(out_dir)
+    if overwrite:
+        for name in RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
     return out_dir
+
+
+def make_dir(out_dir):
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot create the run folder {out_dir}: {e.strerror}") from None
+
+
+def lock_run_dir(out_dir):
+    """Create the folder and hold an exclusive lock on it: a second writer is refused at once.
+    Returns the file descriptor holding the lock; closing it (or the process ending) releases it."""
+    make_dir(out_dir)
+    fd = os.open(out_dir, os.O_RDONLY)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"{out_dir} is in use by another minirlhf command (one writer per run folder); "
+                              "wait for it to end or choose another --out") from None
+    return fd
+
+
+def check_same_settings(out_dir, settings):
+    """--resume continues the run it finds: refuse settings that differ from its config.json,
+    naming the keys. A folder from before the tokenizer was recorded resumes without that check."""
+    path = Path(out_dir) / "config.json"
+    if not path.exists():
+        return
+    recorded = read_json(path)
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{path}: expected a JSON object; start again with --overwrite")
+    if "tokenizer" not in recorded:
+        settings = {k: v for k, v in settings.items() if k != "tokenizer"}
+    differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {recorded.get(k)!r} -> {settings.get(k)!r}" for k in differ[:6])
+        raise ConfigError(f"--resume with other settings than the run in {out_dir} ({shown}): resume with "
+                          "the same --fast/--seed/--set, or start again with --overwrite")
 
 
 # ---------------------------------------------------------------------------
@@ -177,9 +281,49 @@ class MetricsLog:
     def log(self, row):
         row = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) and k != "step" else v)
                for k, v in row.items()}
+        line = (json.dumps(row) + "\n").encode()
+        with open(self.path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError as e:       # a full disk: cut the half-written line, so the file stays readable
+                f.truncate(size)
+                raise WriteError(f"cannot append to {self.path}: {e.strerror}; the last checkpoint is kept "
+                                 "(free some space, then --resume)") from None
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path, up_to_step):
+    """The rows of metrics.jsonl up to `up_to_step`. A last line cut mid-way (a crash or a full
+    disk while appending) is dropped with a notice; any other damage is a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file; remove it, or start again with --overwrite")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; remove it, or start again with --overwrite") from None
+    lines = text.split("\n")
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):          # the last line, without its newline: it was cut
+                print(f"note: {path}:{lineno}: dropped a metrics line that was cut mid-way", file=sys.stderr)
+                break
+            raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg}); remove that line to resume") from None
+        step = row.get("step", 0) if isinstance(row, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ConfigError(f"{path}:{lineno}: expected a JSON object with an integer 'step'; remove that "
+                              "line to resume")
+        rows.append(row)
+    return [r for r in rows if r.get("step", 0) <= up_to_step]
 
 
 def check_finite(loss, step, out_dir=None):
@@ -246,19 +390,20 @@ def resume_training(out_dir, modules):
     if not path.exists():
         raise ConfigError(f"--resume: no checkpoint in {out_dir} (nothing to resume, or the run finished)")
     state = load_torch(path)
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a checkpoint")
     for name, module in modules.items():
-        if not isinstance(state, dict) or name not in state:
+        if name not in state:
             raise ConfigError(f"{path} has no {name!r}: it is not a checkpoint of this stage")
         try:
             module.load_state_dict(state[name])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{path}: the saved {name} does not fit this run's config "
                               f"({str(e).splitlines()[0][:160]}); resume with the same settings") from None
-    rows = []
-    log_path = Path(out_dir) / "metrics.jsonl"
-    if log_path.exists():
-        rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    return state["step"], [r for r in rows if r.get("step", 0) <= state["step"]], state
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ConfigError(f"{path} holds no step count: not a whole checkpoint; start again with --overwrite")
+    return step, read_metrics(Path(out_dir) / "metrics.jsonl", step), state
 
 
 # ---------------------------------------------------------------------------

@@ -24,6 +24,10 @@ from minirlhf.losses import token_logprobs
 # ---------------------------------------------------------------------------
 # The token loop
 
+class SamplingError(ValueError):
+    """The model's next-token distribution is not finite: nothing can be sampled from it."""
+
+
 @dataclass
 class Generation:
     """What `GPT.generate` returns; every tensor is (B, T0 + max_new_tokens) unless noted."""
@@ -51,7 +55,8 @@ def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int], 
     # sampling 1024 reviews take a third longer (benchmarks/bench_preferences.py).
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V), cdf[:, -1] is 1 up to round-off
     if not torch.isfinite(cdf[:, -1]).all():
-        raise ValueError("cannot sample: the next-token logits contain NaN or inf (has training diverged?)")
+        raise SamplingError("cannot sample: the next-token logits contain NaN or inf (has training diverged, "
+                            "or is the temperature too small?)")
     # the uniforms come from the generator's own device (the kit's generators live on the CPU), so the same
     # seed draws the same samples on every device, and a CUDA/MPS run never mixes devices in torch.rand
     draw_on = generator.device if generator is not None else cdf.device

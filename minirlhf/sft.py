@@ -49,8 +49,8 @@ class SFTConfig:
     task: str = "reviews"          # whose gold judge scores the samples
     n_layer: int = checked(2, POSITIVE)        # transformer blocks
     n_head: int = checked(8, POSITIVE)         # attention heads per block
-    n_embd: int = checked(256, POSITIVE)       # width of the residual stream
-    block_size: int = checked(64, POSITIVE)    # context length: prompt + completion + EOS must fit
+    n_embd: int = checked(256, between(1, 8192))       # width of the residual stream
+    block_size: int = checked(64, between(1, 4096))    # context length: prompt + completion + EOS must fit
     dropout: float = checked(0.0, between(0, 1, high_open=True))  # dropout probability (0: RLHF stages need it off)
     steps: int = checked(350, POSITIVE)        # optimiser steps
     batch_size: int = checked(128, POSITIVE)   # demonstrations per step

@@ -12,12 +12,16 @@ ties between equally frequent pairs are broken by the pair's bytes, so training 
 deterministic.
 """
 import base64
+import binascii
 import collections
+import hashlib
 import os
 from pathlib import Path
 
 import regex
 import tiktoken
+
+from minirlhf.config import ConfigError
 
 # GPT-2's split: a word keeps its leading space, so " good" is one piece.
 PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -85,18 +89,33 @@ def save_ranks(ranks, path=DEFAULT_RANKS_PATH):
 
 
 def load_ranks(path=DEFAULT_RANKS_PATH):
-    """Read a tiktoken ranks file into {token bytes: rank}."""
+    """Read a tiktoken ranks file into {token bytes: rank}; a damaged file is a one-line error."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer ranks at {path}; run `python -m minirlhf data` to train one")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file (expected the tokenizer's ranks)")
     ranks = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-        except ValueError as e:
-            raise ValueError(f"{path}:{lineno}: not a `base64 rank` line ({e})") from None
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise ConfigError(f"{path}:{lineno}: not a `base64 rank` line; regenerate it with "
+                              "`python -m minirlhf data`") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
+        raise ConfigError(f"{path}: the ranks are not 0..N-1 over at least the 256 bytes; regenerate it with "
+                          "`python -m minirlhf data`")
     return ranks
+
+
+def fingerprint(path=DEFAULT_RANKS_PATH):
+    """A short hash of the ranks file's bytes: which tokenizer a model was trained with. Two
+    tokenizers of the same size but other merges (a retrained data/) have different fingerprints."""
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
 def load_tokenizer(path=DEFAULT_RANKS_PATH):
@@ -105,8 +124,10 @@ def load_tokenizer(path=DEFAULT_RANKS_PATH):
     `enc.eot_token` is its id and `enc.n_vocab` the vocabulary size the model needs.
     """
     ranks = load_ranks(path)
-    return tiktoken.Encoding(name=f"minirlhf-{Path(path).stem}", pat_str=PATTERN,
-                             mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    enc = tiktoken.Encoding(name=f"minirlhf-{Path(path).stem}", pat_str=PATTERN,
+                            mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    enc.fingerprint = fingerprint(path)    # checked against the one a model's config.json records
+    return enc
 
 
 def train_and_save(texts, path=DEFAULT_RANKS_PATH, vocab_size=DEFAULT_VOCAB_SIZE):
