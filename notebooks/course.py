@@ -15,6 +15,9 @@ folders) have not been retrained since; otherwise it is trained again (`retrain=
 forces that). With MINIRLHF_FAST=1 the folders are under
 runs/notebooks/fast/ and every stage is tiny. MINIRLHF_NOTEBOOK_RUNS=DIR moves the
 folders (the notebook tests use a fresh temporary folder).
+
+In a student copy, importing this module also installs `skip_unfinished` (below): a cell that
+runs into an unfinished exercise prints one line naming it, and the notebook goes on.
 """
 import contextlib
 import dataclasses
@@ -179,3 +182,64 @@ def where(obj):
 def read_metrics(run_dir):
     """The rows of a run folder's metrics.jsonl."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------
+# A student copy runs top to bottom: a cell that needs an unfinished exercise says so in one line
+
+SKIP_MARK = "⏭ skipped:"       # the tests look for it
+skipped = []                    # the exercises that made a cell skip, in order
+
+
+def _skip_or_raise(error):
+    """Print one line and swallow `error` if it is an exercise's stub (or a name a skipped cell
+    would have defined); raise anything else."""
+    from minirlhf.course.exercises import EXERCISES, unfinished_exercise
+    name = unfinished_exercise(error)
+    if name is not None:
+        where = next((f"{e.file}, introduced in {Path(e.notebook).stem}" for e in EXERCISES if e.name == name), "")
+        skipped.append(name)
+        print(f"{SKIP_MARK} this cell needs the exercise `{name}` ({where}); write it, then run the cell again")
+    elif isinstance(error, NameError) and skipped:
+        print(f"{SKIP_MARK} this cell needs {error} — a cell above was skipped for the exercise `{skipped[-1]}`")
+    else:
+        raise error
+
+
+def _show(value):
+    if value is not None:
+        from IPython.display import display
+        display(value)
+
+
+class _GuardCells:
+    """IPython AST transformer: runs each cell's body inside `try`, handing errors to _skip_or_raise.
+    A cell whose last line is an expression still shows its value."""
+
+    def visit(self, module):
+        import ast
+        body = module.body
+        if not body:
+            return module
+        if isinstance(body[-1], ast.Expr):          # keep Jupyter's display of the last expression
+            body = body[:-1] + [ast.Expr(ast.Call(ast.Attribute(ast.Name("_course_guard", ast.Load()), "_show",
+                                                                ast.Load()), [body[-1].value], []))]
+        handler = ast.ExceptHandler(ast.Name("Exception", ast.Load()), "_unfinished_error", [ast.Expr(ast.Call(
+            ast.Attribute(ast.Name("_course_guard", ast.Load()), "_skip_or_raise", ast.Load()),
+            [ast.Name("_unfinished_error", ast.Load())], []))])
+        guarded = ast.Module([ast.Try(body, [handler], [], [])], [])
+        return ast.fix_missing_locations(ast.copy_location(guarded, module))
+
+
+def skip_unfinished():
+    """Install the guard in the running IPython kernel (only in a student copy; no-op elsewhere)."""
+    shell = _ipython()
+    if shell is None or not (REPO / ".minirlhf-student.json").exists():
+        return
+    if not any(isinstance(t, _GuardCells) for t in shell.ast_transformers):
+        import sys
+        shell.user_ns["_course_guard"] = sys.modules[__name__]
+        shell.ast_transformers.append(_GuardCells())
+
+
+skip_unfinished()
