@@ -31,15 +31,17 @@ import types
 import typing
 
 import torch
-from tqdm.auto import tqdm
 
-from minirlhf import common
-from minirlhf.checkpoints import load_gpt, load_scalar_model, save_model
-from minirlhf.data import default_path, read_jsonl
+from minirlhf.checkpoints import load_gpt, load_scalar_model
+from minirlhf.config import (NON_NEGATIVE, POSITIVE, check_generation_fits, checked, one_of, require,
+                             validate)
+from minirlhf.data import default_path, read_prompts
 from minirlhf.evaluate import evaluate_policy
-from minirlhf.losses import (AGGREGATIONS, gae, group_advantages, kl_penalized_rewards, kl_penalty, masked_aggregate,
-                             masked_mean, masked_whiten, ppo_policy_loss, rloo_advantages)
+from minirlhf.losses import (AGGREGATIONS, entropy, gae, group_advantages, kl_penalized_rewards, kl_penalty,
+                             masked_aggregate, masked_mean, masked_whiten, ppo_policy_loss, rloo_advantages)
+from minirlhf.optim import fused_adam, seed_everything, step_generator
 from minirlhf.ppo import make_reward_fn, policy_forward
+from minirlhf.runs import Run
 from minirlhf.sampling import generate, response_logprobs, trim_padding
 from minirlhf.sft import load_examples, validation_loss
 from minirlhf.tasks import get_task
@@ -59,54 +61,39 @@ class GRPOConfig:
     prompts: str = str(default_path("prompts_train"))       # rollout prompts JSONL: {"prompt"}
     test_prompts: str = str(default_path("prompts_test"))   # evaluation prompts
     task: str = "reviews"           # whose gold judge is logged (and optimised with reward=gold)
-    reward: str = "rm"              # "rm": the learned reward model; "gold": the gold judge
-    advantage: str = "grpo"         # grpo | dr_grpo | rloo | reinforce_pp (see the module docstring)
-    group_size: int = 4             # G: completions sampled per prompt
-    rollout_batch: int = 64         # completions per iteration (rollout_batch / G prompts); G must divide it
-    iterations: int = 60            # rollout + update rounds
-    minibatch_size: int = 32        # sequences per gradient step
-    epochs: int = 2                 # passes over each rollout batch
-    lr: float = 3e-4                # policy learning rate (Adam)
-    kl_in: str = "reward"           # "reward": k1 in the reward; "loss": k3 in the loss (GRPO eq. 3); "none"
-    kl_coef: float = 0.05           # β of the KL term, wherever it goes
-    aggregation: typing.Optional[str] = None  # sequence | token | constant; None: the method's own (METHOD_AGGREGATION)
-    clip_eps: float = 0.2           # ratio clip ε (lower side, and upper if clip_eps_high is None)
-    clip_eps_high: typing.Optional[float] = None  # upper clip 1+ε_high (DAPO's clip-higher, 0.28); None: ε
+    reward: str = checked("rm", one_of("rm", "gold"))  # "rm": the learned reward model; "gold": the gold judge
+    advantage: str = checked("grpo", one_of(*ADVANTAGES))  # grpo | dr_grpo | rloo | reinforce_pp (module docstring)
+    group_size: int = checked(4, POSITIVE)     # G: completions sampled per prompt
+    rollout_batch: int = checked(64, POSITIVE)  # completions per iteration (rollout_batch / G prompts); G must divide it
+    iterations: int = checked(60, POSITIVE)    # rollout + update rounds
+    minibatch_size: int = checked(32, POSITIVE)  # sequences per gradient step
+    epochs: int = checked(2, POSITIVE)         # passes over each rollout batch
+    lr: float = checked(3e-4, POSITIVE)        # policy learning rate (Adam)
+    kl_in: str = checked("reward", one_of(*KL_PLACES))  # "reward": k1 in the reward; "loss": k3 (GRPO eq. 3); "none"
+    kl_coef: float = checked(0.05, NON_NEGATIVE)  # β of the KL term, wherever it goes
+    # sequence | token | constant; None: the method's own (METHOD_AGGREGATION)
+    aggregation: typing.Optional[str] = checked(None, one_of(*AGGREGATIONS), "or none: the method's own")
+    clip_eps: float = checked(0.2, POSITIVE)   # ratio clip ε (lower side, and upper if clip_eps_high is None)
+    clip_eps_high: typing.Optional[float] = checked(None, POSITIVE)  # upper clip 1+ε_high (DAPO's clip-higher, 0.28); None: ε
     drop_zero_std_groups: bool = False  # leave groups with equal rewards out of the update (DAPO's dynamic sampling)
-    temperature: float = 1.0        # sampling temperature of rollouts (log-probs use the same)
-    max_new_tokens: int = 48        # completion length limit; also the constant of aggregation="constant"
-    max_prompt_tokens: int = 16     # longer prompts are refused
-    grad_clip: float = 1.0          # global gradient-norm clip
-    eval_every: int = 20            # iterations between periodic evaluations (gold reward vs KL)
-    n_periodic_eval: int = 128      # test prompts per periodic evaluation
-    n_eval_samples: int = 256       # test prompts for the final evaluation
+    temperature: float = checked(1.0, POSITIVE, "log-probs need a distribution")  # sampling temperature of rollouts (log-probs use the same)
+    max_new_tokens: int = checked(48, POSITIVE)  # completion length limit; also the constant of aggregation="constant"
+    max_prompt_tokens: int = checked(16, POSITIVE)  # longer prompts are refused
+    grad_clip: float = checked(1.0, POSITIVE)  # global gradient-norm clip
+    eval_every: int = checked(20, POSITIVE)    # iterations between periodic evaluations (gold reward vs KL)
+    n_periodic_eval: int = checked(128, POSITIVE)  # test prompts per periodic evaluation
+    n_eval_samples: int = checked(256, POSITIVE)  # test prompts for the final evaluation
     seed: int = 0                   # seeds prompts, sampling and minibatch order
 
-    def validate(self):
-        def one_of(name, valid):
-            common.require(getattr(self, name) in valid,
-                           f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
-        one_of("advantage", ADVANTAGES)
-        one_of("kl_in", KL_PLACES)
-        common.require(self.aggregation is None or self.aggregation in AGGREGATIONS,
-                       f"unknown aggregation {self.aggregation!r}; valid: {', '.join(AGGREGATIONS)} "
-                       "(or none: the method's own)")
-        one_of("reward", ("rm", "gold"))
-        common.require(self.group_size >= 2 or self.advantage == "reinforce_pp",
-                       f"group_size must be >= 2 for advantage={self.advantage} (a group baseline needs "
-                       f"another sample), got {self.group_size}; only reinforce_pp allows 1")
-        common.require(self.group_size >= 1 and self.rollout_batch % self.group_size == 0,
-                       f"group_size {self.group_size} must divide rollout_batch {self.rollout_batch}: "
-                       "each iteration samples rollout_batch / group_size prompts")
-        common.require(self.kl_coef >= 0, "kl_coef must be >= 0")
-        common.require(self.clip_eps > 0 and (self.clip_eps_high is None or self.clip_eps_high > 0),
-                       "clip_eps and clip_eps_high must be positive")
-        common.require(self.lr > 0 and self.grad_clip > 0 and self.temperature > 0,
-                       "lr, grad_clip and temperature must be positive")
-        common.require(min(self.iterations, self.epochs, self.minibatch_size, self.eval_every, self.n_periodic_eval,
-                           self.n_eval_samples, self.max_new_tokens, self.max_prompt_tokens) > 0,
-                       "iterations, epochs, minibatch_size, eval_every, n_periodic_eval, n_eval_samples, "
-                       "max_new_tokens and max_prompt_tokens must be positive")
+    validate = validate
+
+    def check_together(self):
+        require(self.group_size >= 2 or self.advantage == "reinforce_pp",
+                f"group_size must be >= 2 for advantage={self.advantage} (a group baseline needs "
+                f"another sample), got {self.group_size}; only reinforce_pp allows 1")
+        require(self.rollout_batch % self.group_size == 0,
+                f"group_size {self.group_size} must divide rollout_batch {self.rollout_batch}: "
+                "each iteration samples rollout_batch / group_size prompts")
 
     def resolved_aggregation(self):
         return self.aggregation or METHOD_AGGREGATION[self.advantage]
@@ -155,8 +142,10 @@ def compute_advantages(batch, config):
     return advantages.reshape(-1, 1) * mask, grouped                                      # (N, 1) over T-1
 
 
-def policy_update(policy, optimizer, batch, config, generator, iteration=0, out_dir=None):
-    """`epochs` passes of the clipped update over shuffled minibatches; returns mean metrics."""
+def policy_update(policy, optimizer, batch, config, generator, check_finite=lambda loss: None):
+    """`epochs` passes of the clipped update over shuffled minibatches; returns mean metrics.
+
+    `check_finite(loss)` stops training on a NaN or inf loss (the run harness's)."""
     aggregation = config.resolved_aggregation()
     n, logs = batch["tokens"].size(0), []
     for _ in range(config.epochs if n else 0):   # n = 0: drop_zero_std_groups left nothing to learn from
@@ -170,19 +159,19 @@ def policy_update(policy, optimizer, batch, config, generator, iteration=0, out_
                                       config.max_new_tokens)
                 loss = loss + config.kl_coef * kl
                 metrics["loss/kl"] = kl.item()
-            common.check_finite(loss, iteration + 1, out_dir)
+            check_finite(loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
             optimizer.step()
             with torch.no_grad():
-                entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)       # (b, T-1)
-            logs.append({**metrics, "objective/entropy": masked_mean(entropy, mb["mask"]).item()})
+                mean_entropy = masked_mean(entropy(logits), mb["mask"]).item()
+            logs.append({**metrics, "objective/entropy": mean_entropy})
     return {k: statistics.mean(r[k] for r in logs) for k in logs[0]} if logs else {}
 
 
-def grpo_iteration(policy, reference, optimizer, reward_fn, tokenizer, prompts, config, generator, iteration=0,
-                   out_dir=None):
+def grpo_iteration(policy, reference, optimizer, reward_fn, tokenizer, prompts, config, generator,
+                   check_finite=lambda loss: None):
     """One round: sample groups, score, advantages, update. Returns the iteration's metrics."""
     batch, gold = sample_groups(policy, reference, reward_fn, tokenizer, prompts, config, generator)
     batch["advantages"], grouped = compute_advantages(batch, config)
@@ -195,73 +184,60 @@ def grpo_iteration(policy, reference, optimizer, reward_fn, tokenizer, prompts, 
     if config.drop_zero_std_groups and config.group_size > 1:
         keep = (~zero_std).repeat_interleave(config.group_size)                           # (N,)
         batch = {k: v[keep] for k, v in batch.items()}
-    stats.update(policy_update(policy, optimizer, batch, config, generator, iteration, out_dir))
+    stats.update(policy_update(policy, optimizer, batch, config, generator, check_finite))
     return stats
 
 
 # ---------------------------------------------------------------------------
-# Training: the harness around grpo_iteration (run folder, resume, evaluation, plots)
+# Training
 
 def train_grpo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, overwrite=False, progress=True):
     """Run the critic-free stage from the SFT model against the reward model (or gold); return the summary."""
     config.validate()
-    common.require(config.reward == "gold" or rm_dir is not None, "--rm is needed unless --reward gold")
+    require(config.reward == "gold" or rm_dir is not None, "--rm is needed unless --reward gold")
     tokenizer = load_tokenizer()
     policy = load_gpt(sft_dir, device, tokenizer)
-    common.check_generation_fits(config, policy.config.block_size)
+    check_generation_fits(config, policy.config.block_size)
     reference = load_gpt(sft_dir, device, tokenizer).requires_grad_(False)
     reward_model = load_scalar_model(rm_dir, device, tokenizer).requires_grad_(False) if rm_dir else None
-    common.seed_everything(config.seed)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5, **common.fused_adam(policy.parameters()))
+    seed_everything(config.seed)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5, **fused_adam(policy.parameters()))
     gold_fn = get_task(config.task).gold_reward
-    read = lambda path: [r["prompt"] for r in read_jsonl(path, "prompts", tokenizer, config.max_prompt_tokens)]
-    prompts, test_prompts = read(config.prompts), read(config.test_prompts)
-    lengths = types.SimpleNamespace(block_size=policy.config.block_size, max_prompt_tokens=config.max_prompt_tokens)
-    val_examples = load_examples(str(default_path("sft_val")), tokenizer, lengths)
-    out_dir = common.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
-    modules = {"policy": policy, "policy_opt": optimizer}
-    start, rows, _ = common.resume_training(out_dir, modules) if resume else (0, [], None)
-    common.write_json(out_dir / "config.json", {**dataclasses.asdict(config), "sft": str(sft_dir), "rm": str(rm_dir),
-                                                "model": dataclasses.asdict(policy.config), "stage": "grpo"})
-    log = common.MetricsLog(out_dir / "metrics.jsonl", rows)
     reward_fn = make_reward_fn(config, reward_model, gold_fn, device)
+    prompts = read_prompts(config.prompts, tokenizer, config.max_prompt_tokens)  # every prompt checked now
+    test_prompts = read_prompts(config.test_prompts, tokenizer, config.max_prompt_tokens)
+    lengths = types.SimpleNamespace(block_size=policy.config.block_size, max_prompt_tokens=config.max_prompt_tokens)
+    val_examples = load_examples(str(default_path("sft_val")), tokenizer, lengths)  # for eval/ptx_loss
+    n_prompts = config.rollout_batch // config.group_size
 
     def evaluate(n):
         return evaluate_policy(policy, tokenizer, test_prompts[:n], gold_fn, reference=reference,
                                reward_model=reward_model, max_new_tokens=config.max_new_tokens,
-                               max_prompt_tokens=config.max_prompt_tokens,
-                               generator=common.step_generator(config.seed, -1))
+                               max_prompt_tokens=config.max_prompt_tokens, generator=step_generator(config.seed, -1))
 
-    t_start = time.perf_counter()
-    n_prompts = config.rollout_batch // config.group_size
-    bar = tqdm(range(start, config.iterations), desc=f"grpo ({config.advantage})", disable=not progress,
-               initial=start, total=config.iterations)
-    with common.GracefulStop() as stop:
-        for it in bar:
-            generator = common.step_generator(config.seed, it)
+    with Run(out_dir, "grpo", config, resume=resume, overwrite=overwrite, progress=progress,
+             sft=sft_dir, rm=rm_dir) as run:
+        t_start = time.perf_counter()
+        run.start({"policy": policy, "policy_opt": optimizer}, policy.config)
+        for it in run.steps(config.iterations, desc=f"grpo ({config.advantage})"):
+            generator = step_generator(config.seed, it)
             ids = torch.randint(len(prompts), (n_prompts,), generator=generator).tolist()
             stats = grpo_iteration(policy, reference, optimizer, reward_fn, tokenizer, [prompts[i] for i in ids],
-                                   config, generator, it, out_dir)
+                                   config, generator, run.check_finite)
             stats.update(kl_coef=config.kl_coef, step=it + 1)
             if (it + 1) % config.eval_every == 0 or it + 1 == config.iterations:
                 stats.update({k: v for k, v in evaluate(config.n_periodic_eval).items()
                               if k in ("eval/gold_reward", "eval/kl", "eval/proxy_reward")})
-                common.save_checkpoint(out_dir, it + 1, modules)
-            log.log(stats)
-            bar.set_postfix(score=f"{stats['objective/scores']:.2f}", gold=f"{stats['gold/reward']:.2f}",
-                            kl=f"{stats['objective/kl']:.2f}", zero_std=f"{stats['frac_reward_zero_std']:.2f}")
-            if stop.requested:
-                common.save_checkpoint(out_dir, it + 1, modules)
-                raise common.Interrupted(it + 1, out_dir)
+                run.checkpoint(it + 1)
+            run.log(stats)
+            run.show(score=f"{stats['objective/scores']:.2f}", gold=f"{stats['gold/reward']:.2f}",
+                     kl=f"{stats['objective/kl']:.2f}", zero_std=f"{stats['frac_reward_zero_std']:.2f}")
 
-    summary = evaluate(config.n_eval_samples)
-    summary["eval/ptx_loss"] = validation_loss(policy, val_examples, tokenizer.eot_token, device)
-    summary["train/seconds"] = time.perf_counter() - t_start
-    save_model(policy, out_dir)
-    common.plot_metrics(log.rows, ["objective/scores", "gold/reward", "objective/kl", "objective/length"],
-                        out_dir / "grpo.png", f"{config.advantage}: proxy and gold reward, KL, length per iteration")
-    common.plot_metrics(log.rows, ["frac_reward_zero_std", "objective/entropy", "policy/clipfrac", "policy/approx_kl"],
-                        out_dir / "grpo_diagnostics.png", f"{config.advantage} diagnostics")
-    common.write_json(out_dir / "summary.json", summary)
-    common.remove_checkpoint(out_dir)
-    return summary
+        summary = evaluate(config.n_eval_samples)
+        summary["eval/ptx_loss"] = validation_loss(policy, val_examples, tokenizer.eot_token, device)
+        summary["train/seconds"] = time.perf_counter() - t_start
+        run.plot(["objective/scores", "gold/reward", "objective/kl", "objective/length"], "grpo.png",
+                 f"{config.advantage}: proxy and gold reward, KL, length per iteration")
+        run.plot(["frac_reward_zero_std", "objective/entropy", "policy/clipfrac", "policy/approx_kl"],
+                 "grpo_diagnostics.png", f"{config.advantage} diagnostics")
+        return run.finish(summary, policy)

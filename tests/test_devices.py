@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from minirlhf.common import ConfigError, pick_device
+from minirlhf.config import ConfigError, pick_device
 from minirlhf.model import GPT, GPTConfig
 
 

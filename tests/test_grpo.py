@@ -7,14 +7,24 @@ that every advantage, aggregation and KL placement runs; and that bad input (G <
 group method, G not dividing the batch, an unknown name) is a one-line error listing the
 valid choices, raised before any work.
 """
+import json
+import os
+import signal
+
 import pytest
 import torch
 
 from helpers import tiny_sft_dir
-from minirlhf import checkpoints, common
+from minirlhf import checkpoints
+from minirlhf import runs as harness
 from minirlhf.__main__ import main
+from minirlhf.config import apply_overrides
+from minirlhf.data import default_path, read_prompts
+from minirlhf.evaluate import evaluate_policy
+from minirlhf.files import load_torch
 from minirlhf.grpo import GRPOConfig, compute_advantages, grpo_iteration, sample_groups, train_grpo
 from minirlhf.losses import ppo_policy_loss
+from minirlhf.optim import step_generator
 from minirlhf.ppo import make_reward_fn, policy_forward
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import load_tokenizer
@@ -29,26 +39,24 @@ def setup(**overrides):
     tokenizer = load_tokenizer()
     policy = checkpoints.load_gpt(tiny_sft_dir(), tokenizer=tokenizer)
     reference = checkpoints.load_gpt(tiny_sft_dir(), tokenizer=tokenizer).requires_grad_(False)
-    config = common.apply_overrides(GRPOConfig(), {**TINY, **overrides})
+    config = apply_overrides(GRPOConfig(), {**TINY, **overrides})
     reward_fn = make_reward_fn(config, None, get_task("reviews").gold_reward, "cpu")
     return tokenizer, policy, reference, config, reward_fn
 
 
 def test_short_run_raises_gold_reward(tmp_path):
-    from minirlhf.data import default_path, read_jsonl
-    from minirlhf.evaluate import evaluate_policy
-    summary = train_grpo(common.apply_overrides(GRPOConfig(), TINY), tiny_sft_dir(), None, tmp_path / "grpo",
+    summary = train_grpo(apply_overrides(GRPOConfig(), TINY), tiny_sft_dir(), None, tmp_path / "grpo",
                          progress=False)
     tokenizer = load_tokenizer()
     sft = checkpoints.load_gpt(tiny_sft_dir(), tokenizer=tokenizer)
-    prompts = [r["prompt"] for r in read_jsonl(default_path("prompts_test"), "prompts")][:128]
+    prompts = read_prompts(default_path("prompts_test"))[:128]
     before = evaluate_policy(sft, tokenizer, prompts, get_task("reviews").gold_reward, max_new_tokens=30,
-                             generator=common.step_generator(0, -1))
+                             generator=step_generator(0, -1))
     assert summary["eval/gold_reward"] > before["eval/gold_reward"] + 0.05
     assert summary["eval/kl"] > 0.0
     # the same summary keys as PPO's, so the stage sits in the same report
     assert {"eval/gold_reward", "eval/gold_reward_sem", "eval/kl", "eval/length", "train/seconds"} <= set(summary)
-    rows = [common.json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and {"frac_reward_zero_std", "objective/length", "objective/entropy", "policy/clipfrac",
                                 "objective/kl", "objective/scores", "gold/reward"} <= set(rows[0])
     assert (tmp_path / "grpo" / "grpo.png").exists() and (tmp_path / "grpo" / "model.pt").exists()
@@ -76,7 +84,7 @@ def test_equal_reward_groups_count_in_frac_zero_std_and_can_be_dropped():
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
     for drop in (False, True):
         policy.load_state_dict(state)
-        config = common.apply_overrides(config, {"kl_in": "none", "drop_zero_std_groups": drop})
+        config = apply_overrides(config, {"kl_in": "none", "drop_zero_std_groups": drop})
         batch, _ = sample_groups(policy, reference, reward_fn, tokenizer, PROMPTS, config, SEED0())
         advantages, grouped = compute_advantages(batch, config)
         assert advantages[config.group_size:].eq(0).all() and advantages[:config.group_size].ne(0).any()
@@ -122,9 +130,10 @@ def test_reinforce_pp_advantages_are_whitened_over_the_batch():
     (["group_size=1"], "group_size must be >= 2 for advantage=grpo"),
     (["advantage=rloo", "group_size=1"], "group_size must be >= 2 for advantage=rloo"),
     (["group_size=3"], "group_size 3 must divide rollout_batch 64"),
-    (["advantage=ppo"], "unknown advantage 'ppo'; valid: grpo, dr_grpo, rloo, reinforce_pp"),
-    (["aggregation=mean"], "unknown aggregation 'mean'; valid: token, sequence, constant"),
-    (["kl_in=both"], "unknown kl_in 'both'; valid: reward, loss, none"),
+    (["advantage=ppo"], "advantage must be one of grpo, dr_grpo, rloo, reinforce_pp, got 'ppo'"),
+    (["aggregation=mean"], "aggregation must be one of token, sequence, constant, got 'mean' (or none: "),
+    (["kl_in=both"], "kl_in must be one of reward, loss, none, got 'both'"),
+    (["clip_eps_high=0"], "clip_eps_high must be positive"),
 ])
 def test_bad_input_is_one_line_listing_the_choices(tmp_path, capsys, sets, message):
     # --sft points nowhere: the error must come from the config, before anything is loaded
@@ -135,24 +144,22 @@ def test_bad_input_is_one_line_listing_the_choices(tmp_path, capsys, sets, messa
 
 
 def test_an_interrupted_run_resumes_to_the_same_summary(tmp_path, monkeypatch):
-    import os
-    import signal
-    config = common.apply_overrides(GRPOConfig(), dict(TINY, iterations=6, eval_every=2, rollout_batch=16,
+    config = apply_overrides(GRPOConfig(), dict(TINY, iterations=6, eval_every=2, rollout_batch=16,
                                                        n_periodic_eval=8, n_eval_samples=16, max_new_tokens=16))
     run = lambda out, **kw: train_grpo(config, tiny_sft_dir(), None, tmp_path / out, progress=False, **kw)
     whole = run("whole")
-    real, sent = common.check_finite, []
+    real, sent = harness.check_finite, []
 
     def check_finite(loss, step, out_dir=None):   # a real SIGINT at iteration 3, caught by GracefulStop
         if step >= 3 and not sent:
             sent.append(step)
             os.kill(os.getpid(), signal.SIGINT)
         return real(loss, step, out_dir)
-    monkeypatch.setattr(common, "check_finite", check_finite)
-    with pytest.raises(common.Interrupted, match="--resume"):
+    monkeypatch.setattr(harness, "check_finite", check_finite)
+    with pytest.raises(harness.Interrupted, match="--resume"):
         run("cut")
     monkeypatch.undo()
-    assert common.load_torch(tmp_path / "cut" / "checkpoint.pt")["step"] == 3
+    assert load_torch(tmp_path / "cut" / "checkpoint.pt")["step"] == 3
     resumed = run("cut", resume=True)
     drop = lambda summary: {k: v for k, v in summary.items() if k != "train/seconds"}
     assert drop(resumed) == drop(whole)

@@ -103,3 +103,26 @@ def test_best_of_n_kl_bound_matches_an_exact_best_of_n():
         kl = torch.special.xlogy(p, p * m).sum().item()
         assert kl == pytest.approx(best_of_n_kl_bound(n), abs=2e-3)
     assert best_of_n_kl_bound(1) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# The bandit (minirlhf/bandit.py): trained methods land on or below the exact ceiling
+
+def test_trained_methods_land_on_or_below_the_exact_ceiling():
+    from minirlhf import bandit
+    b = bandit.make_bandit()
+    ref_kl, ref_reward = bandit.exact_point(b, b.ref_logprobs)
+    assert ref_kl == 0.0 and bandit.ceiling_at_kl(b, 0.0) == pytest.approx(ref_reward, abs=1e-4)
+    beta = 0.1
+    star_reward, star_kl = optimum_exact(b.ref_logprobs, b.gold, beta)
+    points = {"ppo": bandit.exact_point(b, bandit.train_ppo(b, beta, iterations=120)),
+              "dpo": bandit.exact_point(b, bandit.train_dpo(b, beta / 0.1, steps=300)),
+              "grpo": bandit.exact_point(b, bandit.train_grpo(b, beta, iterations=60))}
+    for method, (kl, reward) in points.items():
+        assert kl > 0.1 and reward > ref_reward + 0.1, method                  # each one learned
+        assert reward <= bandit.ceiling_at_kl(b, kl) + 1e-6, method            # never above the optimum
+    # PPO optimises E[g] − β·KL itself, and DPO's loss has the same minimiser: both reach π*_β
+    for method in ("ppo", "dpo"):
+        kl, reward = points[method]
+        assert kl == pytest.approx(star_kl, abs=0.25) and reward == pytest.approx(star_reward, abs=0.02), method
+        assert bandit.ceiling_at_kl(b, kl) - reward < 0.01, method
