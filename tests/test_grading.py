@@ -238,7 +238,8 @@ def test_each_fault_fails_only_its_exercise_with_the_reason(kit, tmp_path):
     stolen = got.pop("kl_penalized_rewards")  # 0 where the sandbox hides the solution (root on Linux)
     assert got == {"attention_reference": 0.0, "token_logprobs": 1.0, "sft_loss": 1.0, "bradley_terry_loss": 1.0,
                    "ranking_loss": 0.0, "kl_penalty": 1.0, "gae": 0.0, "ppo_policy_loss": 0.0,
-                   "ppo_value_loss": 0.0, "AdaptiveKLController.update": 1.0, "dpo_loss": 0.0}, why
+                   "ppo_value_loss": 0.0, "ppo_ptx_loss": 0.0, "AdaptiveKLController.update": 1.0,
+                   "dpo_loss": 0.0}, why
     assert why["attention_reference"].startswith("refused: attention_reference calls the library's attention")
     assert why["ranking_loss"] == "the process exited with code 3 while running it"
     assert why["gae"].startswith("NameError: name 'gae_reference' is not defined")
