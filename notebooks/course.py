@@ -197,11 +197,15 @@ def _skip_or_raise(error):
     from minirlhf.course.exercises import EXERCISES, unfinished_exercise
     name = unfinished_exercise(error)
     if name is not None:
-        where = next((f"{e.file}, introduced in {Path(e.notebook).stem}" for e in EXERCISES if e.name == name), "")
+        where = next(("the exercise cell above" if e.file.endswith(".ipynb") else
+                      f"{e.file}, introduced in {Path(e.notebook).stem}" for e in EXERCISES if e.name == name), "")
         skipped.append(name)
         print(f"{SKIP_MARK} this cell needs the exercise `{name}` ({where}); write it, then run the cell again")
-    elif isinstance(error, NameError) and skipped:
-        print(f"{SKIP_MARK} this cell needs {error} — a cell above was skipped for the exercise `{skipped[-1]}`")
+    elif skipped and (isinstance(error, NameError) or (isinstance(error, FileNotFoundError)
+                                                       and str(RUNS) in str(error.filename))):
+        # what a skipped cell would have defined or trained
+        print(f"{SKIP_MARK} this cell needs what a cell above would have made ({error}); "
+              f"unfinished: {', '.join(dict.fromkeys(skipped))}")
     else:
         raise error
 
