@@ -120,7 +120,8 @@ def rollout(policy, reference, critic, reward_fn, tokenizer, prompts, config, ge
     advantages, returns = gae(rewards, values * mask, mask, config.gamma, config.lam)
     seq_kl = ((logprobs - ref_logprobs) * mask).sum(-1)                      # (B,) sequence log-ratio
     stats = {"objective/scores": scores.mean().item(), "gold/reward": statistics.mean(gold),
-             "objective/kl": seq_kl.mean().item(), "objective/rlhf_reward": (scores - kl_coef * seq_kl).mean().item(),
+             "objective/kl": seq_kl.mean().item(), "objective/kl_sem": (seq_kl.std() / len(seq_kl) ** 0.5).item(),
+             "objective/rlhf_reward": (scores - kl_coef * seq_kl).mean().item(),
              "objective/eos_rate": out.finished.float().mean().item(),
              "objective/length": mask.sum(-1).mean().item()}
     batch = dict(tokens=tokens, attention=attention, mask=mask, logprobs=logprobs, values=values,

@@ -247,3 +247,36 @@ def skip_unfinished():
 
 
 skip_unfinished()
+
+
+# ---------------------------------------------------------------------------
+# The picture of the pipeline (notebook 01 shows it)
+
+
+def draw_pipeline():
+    """RLHF's three steps (InstructGPT Fig. 2), as the kit runs them, drawn with matplotlib."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    ax.set(xlim=(0, 11), ylim=(-0.2, 3.6)); ax.axis("off")
+    steps = [("1 · SFT  (notebook 01)", "demonstrations\n(prompt, completion)", "train_sft:\nnext-token NLL", "SFT model π_SFT"),
+             ("2 · reward model  (02)", "SFT samples ranked\nby simulated labelers", "train_reward_model:\nBradley-Terry / K-wise",
+              "reward model r_φ"),
+             ("3 · RL  (03; 04: DPO)", "prompts; π starts at π_SFT", "train_ppo: maximise\nr_φ − β·KL(π‖π_SFT)",
+              "policy π")]
+    for i, (title, data, algo, model) in enumerate(steps):
+        x = 0.2 + 3.7 * i
+        ax.text(x + 1.6, 3.35, title, ha="center", fontsize=11, weight="bold")
+        for y, text, colour in ((2.45, data, "#dbe9f6"), (1.45, algo, "#fde9c9"), (0.45, model, "#d9f0d3")):
+            ax.add_patch(FancyBboxPatch((x, y), 3.2, 0.7, boxstyle="round,pad=0.05", fc=colour, ec="gray"))
+            ax.text(x + 1.6, y + 0.35, text, ha="center", va="center", fontsize=9)
+        for y in (2.45, 1.45):
+            ax.add_patch(FancyArrowPatch((x + 1.6, y), (x + 1.6, y - 0.28), arrowstyle="-|>", mutation_scale=12))
+        if i < 2:   # this step's model feeds the next step's data
+            ax.add_patch(FancyArrowPatch((x + 3.25, 0.8), (x + 3.75, 2.6), arrowstyle="-|>", mutation_scale=14,
+                                         color="tab:green", lw=1.5))
+    ax.text(5.5, 0.02, "green arrows: each step's model feeds the next — π_SFT writes the samples that are ranked; "
+            "r_φ scores the rollouts and π_SFT is the KL reference.\nDPO (notebook 04) skips the reward model and "
+            "trains π on the ranked comparisons directly.", ha="center", fontsize=8, color="dimgray")
+    fig.tight_layout()
+    return fig
