@@ -108,9 +108,12 @@ def dpo_batch_loss(policy, data, ids, config, pad_id, device):
                              loss_type=config.loss_type, label_smoothing=config.label_smoothing)
     metrics["logps/chosen"] = chosen.mean().item()
     metrics["logps/rejected"] = rejected.mean().item()
+    lengths = torch.tensor([len(data.sequences[i][0]) - data.sequences[i][1] for i in rows.tolist()],
+                           device=device).clamp(min=1)                      # (U,) response tokens, EOS included
+    per_token = (logps.detach() / lengths)[index]                            # (P, 2): the sums' length-free view
+    metrics["logps/chosen_per_token"] = per_token[:, 0].mean().item()
+    metrics["logps/rejected_per_token"] = per_token[:, 1].mean().item()
     if config.nll_coef > 0:   # RPO: + α · the chosen responses' NLL per token
-        lengths = torch.tensor([len(data.sequences[i][0]) - data.sequences[i][1] for i in rows.tolist()],
-                               device=device).clamp(min=1)                  # (U,) response tokens, EOS included
         nll, nll_metrics = rpo_nll(logps, lengths, index[:, 0])
         loss = loss + config.nll_coef * nll
         metrics.update(nll_metrics)

@@ -355,6 +355,23 @@ def ppo_value_loss(values, old_values, returns, mask, clip_eps=0.2):
     ### END SOLUTION
 
 
+def ppo_ptx_loss(rl_loss, ptx_logits, ptx_targets, ptx_mask, ptx_coef):
+    """PPO-ptx (InstructGPT eq. 2): ``rl_loss + γ · NLL(pretraining tokens)``, and metrics.
+
+    rl_loss: scalar, the loss of the RL step (PPO's clipped policy loss); ptx_logits (B, T, V),
+    ptx_targets (B, T), ptx_mask (B, T): a batch of "pretraining" text, scored as in sft_loss
+    (one mean over every masked token). InstructGPT *maximises* γ·E[log π(x_pretrain)], so the
+    loss *adds* γ times the mean negative log-likelihood; γ = ptx_coef ≥ 0 (0: plain PPO).
+    Metrics: loss/ptx (the NLL, before the weight γ).
+
+    Hint: sft_loss already computes the NLL.
+    """
+    ### BEGIN SOLUTION
+    nll, _ = sft_loss(ptx_logits, ptx_targets, ptx_mask)  # scalar: mean NLL per token
+    return rl_loss + ptx_coef * nll, {"loss/ptx": nll.item()}
+    ### END SOLUTION
+
+
 # ---------------------------------------------------------------------------------------
 # DPO and its variants: the policy is its own reward model.
 

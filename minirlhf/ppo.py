@@ -31,7 +31,7 @@ from minirlhf.config import NON_NEGATIVE, POSITIVE, between, check_generation_fi
 from minirlhf.data import completion_batch, default_path, read_prompts, shift_for_loss
 from minirlhf.evaluate import evaluate_policy
 from minirlhf.losses import (AdaptiveKLController, entropy, explained_variance, gae, kl_penalized_rewards,
-                             masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, sft_loss, token_logprobs)
+                             masked_mean, masked_whiten, ppo_policy_loss, ppo_ptx_loss, ppo_value_loss, token_logprobs)
 from minirlhf.model import ScalarHeadModel
 from minirlhf.optim import fused_adam, seed_everything, step_generator
 from minirlhf.runs import Run
@@ -120,7 +120,8 @@ def rollout(policy, reference, critic, reward_fn, tokenizer, prompts, config, ge
     advantages, returns = gae(rewards, values * mask, mask, config.gamma, config.lam)
     seq_kl = ((logprobs - ref_logprobs) * mask).sum(-1)                      # (B,) sequence log-ratio
     stats = {"objective/scores": scores.mean().item(), "gold/reward": statistics.mean(gold),
-             "objective/kl": seq_kl.mean().item(), "objective/rlhf_reward": (scores - kl_coef * seq_kl).mean().item(),
+             "objective/kl": seq_kl.mean().item(), "objective/kl_sem": (seq_kl.std() / len(seq_kl) ** 0.5).item(),
+             "objective/rlhf_reward": (scores - kl_coef * seq_kl).mean().item(),
              "objective/eos_rate": out.finished.float().mean().item(),
              "objective/length": mask.sum(-1).mean().item()}
     batch = dict(tokens=tokens, attention=attention, mask=mask, logprobs=logprobs, values=values,
@@ -156,9 +157,8 @@ def ppo_update(policy, critic, optimizers, batch, ptx_examples, pad_id, config, 
                 ids = torch.randint(len(ptx_examples), (config.ptx_batch,), generator=generator).tolist()
                 inputs, input_mask, targets, loss_mask = shift_for_loss(
                     *completion_batch([ptx_examples[i] for i in ids], pad_id))
-                ptx_loss, _ = sft_loss(policy(inputs, input_mask), targets, loss_mask)
-                loss = loss + config.ptx_coef * ptx_loss
-                ptx_metrics = {"loss/ptx": ptx_loss.item()}
+                loss, ptx_metrics = ppo_ptx_loss(loss, policy(inputs, input_mask), targets, loss_mask,
+                                                 config.ptx_coef)
             total = loss if shared else loss + vf_loss      # a separate critic has its own optimiser
             check_finite(total)
             for opt in optimizers:

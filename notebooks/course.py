@@ -16,6 +16,9 @@ folders) have not been retrained since; otherwise it is trained again (`retrain=
 forces that). With MINIRLHF_FAST=1 the folders are under
 runs/notebooks/fast/ and every stage is tiny. MINIRLHF_NOTEBOOK_RUNS=DIR moves the
 folders (the notebook tests use a fresh temporary folder).
+
+In a student copy, importing this module also installs `skip_unfinished` (below): a cell that
+runs into an unfinished exercise prints one line naming it, and the notebook goes on.
 """
 import contextlib
 import dataclasses
@@ -195,3 +198,101 @@ def where(obj):
 def read_metrics(run_dir):
     """The rows of a run folder's metrics.jsonl."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------
+# A student copy runs top to bottom: a cell that needs an unfinished exercise says so in one line
+
+SKIP_MARK = "⏭ skipped:"       # the tests look for it
+skipped = []                    # the exercises that made a cell skip, in order
+
+
+def _skip_or_raise(error):
+    """Print one line and swallow `error` if it is an exercise's stub (or a name a skipped cell
+    would have defined); raise anything else."""
+    from minirlhf.course.exercises import EXERCISES, unfinished_exercise
+    name = unfinished_exercise(error)
+    if name is not None:
+        where = next(("the exercise cell above" if e.file.endswith(".ipynb") else
+                      f"{e.file}, introduced in {Path(e.notebook).stem}" for e in EXERCISES if e.name == name), "")
+        skipped.append(name)
+        print(f"{SKIP_MARK} this cell needs the exercise `{name}` ({where}); write it, then run the cell again")
+    elif skipped and (isinstance(error, NameError) or (isinstance(error, FileNotFoundError)
+                                                       and str(RUNS) in str(error.filename))):
+        # what a skipped cell would have defined or trained
+        print(f"{SKIP_MARK} this cell needs what a cell above would have made ({error}); "
+              f"unfinished: {', '.join(dict.fromkeys(skipped))}")
+    else:
+        raise error
+
+
+def _show(value):
+    if value is not None:
+        from IPython.display import display
+        display(value)
+
+
+class _GuardCells:
+    """IPython AST transformer: runs each cell's body inside `try`, handing errors to _skip_or_raise.
+    A cell whose last line is an expression still shows its value."""
+
+    def visit(self, module):
+        import ast
+        body = module.body
+        if not body:
+            return module
+        if isinstance(body[-1], ast.Expr):          # keep Jupyter's display of the last expression
+            body = body[:-1] + [ast.Expr(ast.Call(ast.Attribute(ast.Name("_course_guard", ast.Load()), "_show",
+                                                                ast.Load()), [body[-1].value], []))]
+        handler = ast.ExceptHandler(ast.Name("Exception", ast.Load()), "_unfinished_error", [ast.Expr(ast.Call(
+            ast.Attribute(ast.Name("_course_guard", ast.Load()), "_skip_or_raise", ast.Load()),
+            [ast.Name("_unfinished_error", ast.Load())], []))])
+        guarded = ast.Module([ast.Try(body, [handler], [], [])], [])
+        return ast.fix_missing_locations(ast.copy_location(guarded, module))
+
+
+def skip_unfinished():
+    """Install the guard in the running IPython kernel (only in a student copy; no-op elsewhere)."""
+    shell = _ipython()
+    if shell is None or not (REPO / ".minirlhf-student.json").exists():
+        return
+    if not any(isinstance(t, _GuardCells) for t in shell.ast_transformers):
+        import sys
+        shell.user_ns["_course_guard"] = sys.modules[__name__]
+        shell.ast_transformers.append(_GuardCells())
+
+
+skip_unfinished()
+
+
+# ---------------------------------------------------------------------------
+# The picture of the pipeline (notebook 01 shows it)
+
+
+def draw_pipeline():
+    """RLHF's three steps (InstructGPT Fig. 2), as the kit runs them, drawn with matplotlib."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    ax.set(xlim=(0, 11), ylim=(-0.2, 3.6)); ax.axis("off")
+    steps = [("1 · SFT  (notebook 01)", "demonstrations\n(prompt, completion)", "train_sft:\nnext-token NLL", "SFT model π_SFT"),
+             ("2 · reward model  (02)", "SFT samples ranked\nby simulated labelers", "train_reward_model:\nBradley-Terry / K-wise",
+              "reward model r_φ"),
+             ("3 · RL  (03; 04: DPO)", "prompts; π starts at π_SFT", "train_ppo: maximise\nr_φ − β·KL(π‖π_SFT)",
+              "policy π")]
+    for i, (title, data, algo, model) in enumerate(steps):
+        x = 0.2 + 3.7 * i
+        ax.text(x + 1.6, 3.35, title, ha="center", fontsize=11, weight="bold")
+        for y, text, colour in ((2.45, data, "#dbe9f6"), (1.45, algo, "#fde9c9"), (0.45, model, "#d9f0d3")):
+            ax.add_patch(FancyBboxPatch((x, y), 3.2, 0.7, boxstyle="round,pad=0.05", fc=colour, ec="gray"))
+            ax.text(x + 1.6, y + 0.35, text, ha="center", va="center", fontsize=9)
+        for y in (2.45, 1.45):
+            ax.add_patch(FancyArrowPatch((x + 1.6, y), (x + 1.6, y - 0.28), arrowstyle="-|>", mutation_scale=12))
+        if i < 2:   # this step's model feeds the next step's data
+            ax.add_patch(FancyArrowPatch((x + 3.25, 0.8), (x + 3.75, 2.6), arrowstyle="-|>", mutation_scale=14,
+                                         color="tab:green", lw=1.5))
+    ax.text(5.5, 0.02, "green arrows: each step's model feeds the next — π_SFT writes the samples that are ranked; "
+            "r_φ scores the rollouts and π_SFT is the KL reference.\nDPO (notebook 04) skips the reward model and "
+            "trains π on the ranked comparisons directly.", ha="center", fontsize=8, color="dimgray")
+    fig.tight_layout()
+    return fig

@@ -331,6 +331,8 @@ WRONG = {
                               losses.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=1e9)),
     "check_ppo_value_loss": (losses.ppo_value_loss, lambda values, old_values, returns, mask, clip_eps=0.2:
                              losses.ppo_value_loss(values, old_values, returns, mask, clip_eps=1e9)),
+    "check_ppo_ptx_loss": (losses.ppo_ptx_loss, lambda rl_loss, ptx_logits, ptx_targets, ptx_mask, ptx_coef: (
+        losses.ppo_ptx_loss(rl_loss, ptx_logits, ptx_targets, ptx_mask, -ptx_coef))),  # subtracts the NLL
     "check_dpo_loss": (losses.dpo_loss, _wrong_dpo),
     "check_adaptive_kl": (losses.AdaptiveKLController, NoClipController),
     "check_group_advantages": (losses.group_advantages, lambda rewards, scale_std=True, eps=1e-6, unbiased=False: (

@@ -269,7 +269,7 @@ def test_each_fault_fails_only_its_exercise_with_the_reason(kit, tmp_path):
     stolen = got.pop("kl_penalized_rewards")  # 0 where the sandbox hides the solution (root on Linux)
     assert got == {"attention_reference": 0.0, "token_logprobs": 1.0, "sft_loss": 1.0, "bradley_terry_loss": 1.0,
                    "ranking_loss": 0.0, "kl_penalty": 1.0, "gae": 0.0, "ppo_policy_loss": 0.0,
-                   "ppo_value_loss": 0.0, "AdaptiveKLController.update": 1.0, "dpo_loss": 0.0,
+                   "ppo_value_loss": 0.0, "ppo_ptx_loss": 0.0, "AdaptiveKLController.update": 1.0, "dpo_loss": 0.0,
                    "group_advantages": 0.0, "rloo_advantages": 0.0, "masked_aggregate": 0.0}, why
     assert why["masked_aggregate"].startswith("not done yet"), why["masked_aggregate"]
     assert why["attention_reference"].startswith("refused: attention_reference calls the library's attention")

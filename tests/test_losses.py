@@ -36,6 +36,7 @@ from minirlhf.losses import (
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
+    ppo_ptx_loss,
     ppo_value_loss,
     ranking_loss,
     sft_loss,
@@ -659,3 +660,22 @@ def test_hidden_dpo_variants_by_hand():
     assert metrics["rewards/margins"] == pytest.approx(1.0)
     assert metrics["rewards/accuracies"] == 1.0
 ### END HIDDEN TESTS
+
+
+def test_ppo_ptx_loss_adds_gamma_times_the_token_mean_nll():
+    # NLL of p = 1/2 and p = 3/4 on the two masked tokens; the third is off the mask.
+    logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3.0)], [50.0, -50.0]]])
+    targets, mask = torch.tensor([[0, 1, 1]]), torch.tensor([[1.0, 1.0, 0.0]])
+    nll = (math.log(2.0) + math.log(4 / 3)) / 2
+    loss, metrics = ppo_ptx_loss(torch.tensor(0.3), logits, targets, mask, ptx_coef=0.5)
+    assert loss.item() == pytest.approx(0.3 + 0.5 * nll) and metrics["loss/ptx"] == pytest.approx(nll)
+    loss, _ = ppo_ptx_loss(torch.tensor(-1.25), logits, targets, mask, ptx_coef=0.0)
+    assert loss.item() == pytest.approx(-1.25)
+
+
+def test_gradcheck_ppo_ptx_loss():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    rl = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    targets, mask = torch.randint(0, 5, (2, 4), generator=g), torch.tensor([[0.0, 1, 1, 1], [1, 1, 0, 0]])
+    assert torch.autograd.gradcheck(lambda r, z: ppo_ptx_loss(r, z, targets, mask, 0.7)[0], (rl, logits))

@@ -223,6 +223,19 @@ def grading(seed=0):
                   ("loss", "val/clipfrac")),
     ])
 
+    gen = r(13)
+    mask = response_mask(gen, 3, 5)
+    g["ppo_ptx_loss"] = Grading("ppo_ptx_loss", "minirlhf.losses", "ppo_ptx_loss", "loss", [
+        *hand_checks(checks.ppo_ptx_loss_cases, "loss = rl_loss + γ·NLL, the NLL one mean over every masked token "
+                                                "(sft_loss): added, not subtracted — InstructGPT maximises γ·log π"),
+        reference("random RL loss and demonstrations, the loss and its gradients",
+                  [{"args": {"rl_loss": torch.randn((), generator=gen, dtype=F64),
+                             "ptx_logits": 3 * torch.randn(3, 5, 7, generator=gen, dtype=F64),
+                             "ptx_targets": torch.randint(0, 7, (3, 5), generator=gen), "ptx_mask": mask,
+                             "ptx_coef": 0.7}, "grad": ["rl_loss", "ptx_logits"]}],
+                  "the RL loss passes through unchanged (gradient 1); the NLL is weighted by γ", ("loss", "loss/ptx")),
+    ])
+
     gen = r(10)
     kls = [[float(x), int(n)] for x, n in zip(6 * torch.rand(6, generator=gen, dtype=F64),
                                               torch.randint(1, 400, (6,), generator=gen))]

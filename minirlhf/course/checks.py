@@ -293,6 +293,25 @@ def check_ppo_value_loss(fn):
     return _run("ppo_value_loss", fn, _loss, ppo_value_loss_cases())
 
 
+def ppo_ptx_loss_cases():
+    half, three_quarters = -math.log(0.5), -math.log(0.75)  # NLL of p = 1/2 and p = 3/4
+    logits = _t([[[0.0, 0.0], [0.0, math.log(3.0)], [50.0, -50.0]]])  # p(0) = 1/2; p(1) = 3/4; p(1) ≈ e⁻¹⁰⁰
+    targets, mask = _t([[0, 1, 1]], torch.long), _t([[1.0, 1.0, 0.0]])  # the third token is off the mask
+    nll = (half + three_quarters) / 2
+    return [
+        # 0.3 + 0.5 · (ln 2 + ln 4/3)/2: the NLL is added (γ·E[log π] is maximised), weighted by γ.
+        ("γ = 0.5, a masked token ignored", dict(rl_loss=_t(0.3), ptx_logits=logits, ptx_targets=targets,
+                                                 ptx_mask=mask, ptx_coef=0.5),
+         {"loss": 0.3 + 0.5 * nll, "loss/ptx": nll}),
+        ("γ = 0 is plain PPO", dict(rl_loss=_t(-1.25), ptx_logits=logits, ptx_targets=targets, ptx_mask=mask,
+                                    ptx_coef=0.0), {"loss": -1.25, "loss/ptx": nll}),
+    ]
+
+
+def check_ppo_ptx_loss(fn):
+    return _run("ppo_ptx_loss", fn, _loss, ppo_ptx_loss_cases())
+
+
 def _controller(cls, inputs):
     """Results of a controller class: construct with inputs["init"], then .update per inputs["updates"]."""
     controller = cls(**inputs["init"])

@@ -71,15 +71,17 @@ EXERCISES = (
              "check_kl_penalized_rewards", (
         _L + "test_kl_penalized_rewards_puts_scores_at_last_masked_position",
         _L + "test_kl_penalized_rewards_ignores_inf_off_mask", _L + "test_gradcheck_kl_penalized_rewards")),
-    Exercise("gae", "minirlhf/losses.py", 3, "notebooks/03_ppo_rlhf.ipynb", "check_gae", (
+    Exercise("gae", "minirlhf/losses.py", 3, "notebooks/00_rl_intro.ipynb", "check_gae", (
         _L + "test_gae_three_steps_by_hand", _L + "test_gae_matches_reference_on_random_masks",
         _L + "test_gae_lambda_one_is_discounted_return_minus_value", _L + "test_gae_lambda_zero_is_td_error")),
-    Exercise("ppo_policy_loss", "minirlhf/losses.py", 2, "notebooks/03_ppo_rlhf.ipynb", "check_ppo_policy_loss", (
+    Exercise("ppo_policy_loss", "minirlhf/losses.py", 2, "notebooks/00_rl_intro.ipynb", "check_ppo_policy_loss", (
         _L + "test_ppo_policy_loss_at_ratio_one_is_minus_mean_advantage",
         _L + "test_ppo_policy_loss_has_zero_gradient_where_the_clip_binds", _L + "test_gradcheck_ppo_losses")),
     Exercise("ppo_value_loss", "minirlhf/losses.py", 2, "notebooks/03_ppo_rlhf.ipynb", "check_ppo_value_loss", (
         _L + "test_ppo_value_loss_hand_computed", _L + "test_ppo_value_loss_has_zero_gradient_where_the_clip_binds",
         _L + "test_gradcheck_ppo_losses")),
+    Exercise("ppo_ptx_loss", "minirlhf/losses.py", 1, "notebooks/03_ppo_rlhf.ipynb", "check_ppo_ptx_loss", (
+        _L + "test_ppo_ptx_loss_adds_gamma_times_the_token_mean_nll", _L + "test_gradcheck_ppo_ptx_loss")),
     Exercise("AdaptiveKLController.update", "minirlhf/losses.py", 1, "notebooks/03_ppo_rlhf.ipynb", "check_adaptive_kl", (
         _L + "test_adaptive_kl_controller",)),
     Exercise("dpo_loss", "minirlhf/losses.py", 3, "notebooks/04_dpo.ipynb", "check_dpo_loss", (
