@@ -46,13 +46,19 @@ def write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path):
-    """The JSON value in `path`; a missing, unreadable or malformed file is a one-line ConfigError."""
+def existing_file(path):
+    """`path` as a Path if it is an existing file; otherwise a one-line ConfigError saying which."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
     if not path.is_file():
         raise ConfigError(f"{path} is not a file")
+    return path
+
+
+def read_json(path):
+    """The JSON value in `path`; a missing, unreadable or malformed file is a one-line ConfigError."""
+    path = existing_file(path)
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
@@ -72,11 +78,7 @@ def save_torch(obj, path):
 
 def load_torch(path, map_location="cpu"):
     """torch.load with weights_only=True; a missing, truncated or tampered file is a clear error."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist")
-    if not path.is_file():
-        raise ConfigError(f"{path} is not a file")
+    path = existing_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
