@@ -4,7 +4,8 @@ Every stage command takes the same flags: --out DIR, --fast (shrink sizes and st
 command finishes in seconds), --seed N, --set key=value (any field of the stage's config
 dataclass), --device auto|cpu|cuda|mps, --resume, --overwrite and --debug. A stage's input
 file is --data FILE (sft: demonstrations; collect, ppo: prompts, also --prompts; rm, dpo,
-pft: preferences, also --prefs). Bad input is reported in one line with exit code 2;
+pft: preferences, also --prefs), and --task NAME picks the toy task (default: the task of the
+--sft folder, so later stages follow the SFT model's; else reviews). Bad input is reported in one line with exit code 2;
 --debug shows the traceback instead; Ctrl-C saves a checkpoint and exits with 130
 (docs/reliability.md).
 """
@@ -35,11 +36,12 @@ from minirlhf.experiments import FAST as FRONTIER_FAST, FrontierConfig, run_fron
 from minirlhf.pipeline import run_pipeline
 from minirlhf.ppo import FAST as PPO_FAST, PPOConfig, train_ppo
 from minirlhf.reward import FAST as RM_FAST, RewardConfig, train_reward_model
-from minirlhf.runs import Interrupted, NonFiniteLossError
+from minirlhf.runs import Interrupted, NonFiniteLossError, check_same_task, folder_task
 from minirlhf.sampling import SamplingError, sample_completions
 from minirlhf.sft import FAST as SFT_FAST, SFTConfig, train_sft
-from minirlhf.tasks import TASKS, get_task
+from minirlhf.tasks import TASKS, get_task, is_verifiable, stage_defaults, task_config
 from minirlhf.tokenizer import EOT, load_tokenizer, train_and_save
+from minirlhf.verifiable import run_verifiable_pipeline, train_dpo_on_verifier_pairs
 
 try:                                      # a student copy ships without the grader's files
     from minirlhf.course import grade as grading, gradebook
@@ -59,15 +61,34 @@ def add_stage_flags(parser, out_required=False):
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--task", default=None, help=f"the toy task: {', '.join(TASKS)} (default: the --sft "
+                                                     "folder's task, else reviews)")
 
 
-def build_config(defaults, fast_overrides, args, extra=None):
-    """Defaults, then --fast, then --seed, then named flags, then --set (last word wins); validated."""
-    config = build(defaults, fast=fast_overrides if args.fast else None, seed=args.seed,
-                   overrides=[extra, args.set]).validate()
-    if hasattr(config, "task"):        # a typo is refused now, not at the evaluation after training
-        require(config.task in TASKS, f"unknown task {config.task!r}; known tasks: {', '.join(TASKS)}")
-    return config
+def resolve_task(args, folders):
+    """The command's task: --task (or --set task=NAME), else the task the input folders were trained
+    on, else reviews. Checked now, before anything is written: an unknown name lists the valid ones,
+    and a folder of another task is refused."""
+    asked = {k.strip(): v.strip() for k, _, v in (item.partition("=") for item in args.set)}.get("task", args.task)
+    trained = next(filter(None, (folder_task(f) for f in folders.values() if f)), None)
+    task = asked or trained or "reviews"
+    require(task in TASKS, f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    check_same_task(task, **folders)
+    return task
+
+
+def build_config(defaults, fast_overrides, args, stage, extra=None, folders=None):
+    """Defaults, then the task's, then --fast, then --seed, then named flags, then --set (last word
+    wins); validated. `folders` (sft=DIR, rm=DIR) are the inputs whose task a later stage follows."""
+    task = resolve_task(args, folders or {})
+    return task_config(defaults, stage, task, fast=args.fast, stage_fast=fast_overrides, seed=args.seed,
+                       overrides=[extra, args.set]).validate()
+
+
+def refuse_verifiable(task, command):
+    """collect and rm make no sense where a verifier is the reward: say what to run instead."""
+    require(not is_verifiable(task), f"{command}: task {task} is scored by a verifier, so no preferences or reward "
+            f"model are needed (ppo/grpo --reward gold; dpo --task {task} labels its own pairs)")
 
 
 def out_dir(args):
@@ -86,13 +107,15 @@ def print_summary(summary, out):
 # Commands
 
 def cmd_data(args):
+    require(args.task in TASKS, f"unknown task {args.task!r}; valid tasks: {', '.join(TASKS)}")
     task = get_task(args.task)
-    paths = task.write_datasets(DATA_DIR, seed=args.seed)
-    train = [json.loads(line) for line in paths["sft_train"].read_text().splitlines()]
-    enc = train_and_save([r["prompt"] + r["completion"] for r in train])
+    paths = task.write_datasets(args.out or DATA_DIR, seed=args.seed)
     for name, path in paths.items():
         print(f"{path}: {sum(1 for _ in open(path))} records")
-    print(f"tokenizer: {enc.n_vocab} tokens (incl. <|endoftext|>)")
+    if not hasattr(task, "DATA_SUBDIR") and args.out is None:   # the tokenizer learns the reviews; others reuse it
+        train = [json.loads(line) for line in paths["sft_train"].read_text().splitlines()]
+        enc = train_and_save([r["prompt"] + r["completion"] for r in train])
+        print(f"tokenizer: {enc.n_vocab} tokens (incl. <|endoftext|>)")
 
 
 def cmd_tokenizer(args):
@@ -102,7 +125,7 @@ def cmd_tokenizer(args):
 
 
 def cmd_sft(args):
-    config = build_config(SFTConfig(), SFT_FAST, args, extra={"data": args.data} if args.data else None)
+    config = build_config(SFTConfig(), SFT_FAST, args, "sft", extra={"data": args.data} if args.data else None)
     out = out_dir(args)
     summary = train_sft(config, out, device=pick_device(args.device), resume=args.resume,
                         overwrite=args.overwrite, progress=not args.quiet)
@@ -133,7 +156,8 @@ def cmd_sample(args):
 
 def cmd_collect(args):
     extra = {**({"k": args.k} if args.k else {}), **({"prompts": args.data} if args.data else {})}
-    config = build_config(CollectConfig(), COLLECT_FAST, args, extra=extra)
+    config = build_config(CollectConfig(), COLLECT_FAST, args, "collect", extra=extra, folders={"sft": args.sft})
+    refuse_verifiable(config.task, "collect")
     out = out_dir(args)
     summary = collect(config, args.sft, out, device=pick_device(args.device), overwrite=args.overwrite,
                       progress=not args.quiet)
@@ -141,7 +165,8 @@ def cmd_collect(args):
 
 
 def cmd_rm(args):
-    config = build_config(RewardConfig(), RM_FAST, args)
+    config = build_config(RewardConfig(), RM_FAST, args, "rm", folders={"sft": args.sft})
+    refuse_verifiable(config.task, "rm")
     out = out_dir(args)
     summary = train_reward_model(config, args.sft, args.prefs, out, device=pick_device(args.device),
                                  resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -158,7 +183,7 @@ def rm_flags(p):
 
 def cmd_ppo(args):
     extra = {**({"reward": args.reward} if args.reward else {}), **({"prompts": args.data} if args.data else {})}
-    config = build_config(PPOConfig(), PPO_FAST, args, extra=extra)
+    config = build_config(PPOConfig(), PPO_FAST, args, "ppo", extra=extra, folders={"sft": args.sft, "rm": args.rm})
     out = out_dir(args)
     summary = train_ppo(config, args.sft, args.rm, out, device=pick_device(args.device), resume=args.resume,
                         overwrite=args.overwrite, progress=not args.quiet)
@@ -177,7 +202,8 @@ def ppo_flags(p):
 
 def cmd_grpo(args):
     extra = {**({"reward": args.reward} if args.reward else {}), **({"prompts": args.data} if args.data else {})}
-    config = build_config(GRPOConfig(), GRPO_FAST, args, extra=extra)
+    config = build_config(GRPOConfig(), GRPO_FAST, args, "grpo", extra=extra,
+                          folders={"sft": args.sft, "rm": args.rm})
     out = out_dir(args)
     summary = train_grpo(config, args.sft, args.rm, out, device=pick_device(args.device), resume=args.resume,
                          overwrite=args.overwrite, progress=not args.quiet)
@@ -185,15 +211,23 @@ def cmd_grpo(args):
 
 
 def cmd_dpo(args):
-    config = build_config(DPOConfig(), DPO_FAST, args)
-    out = out_dir(args)
-    summary = train_dpo(config, args.sft, args.prefs, out, device=pick_device(args.device), resume=args.resume,
-                        overwrite=args.overwrite, progress=not args.quiet)
+    config = build_config(DPOConfig(), DPO_FAST, args, "dpo", folders={"sft": args.sft})
+    out, kw = out_dir(args), dict(device=pick_device(args.device), resume=args.resume, overwrite=args.overwrite,
+                                  progress=not args.quiet)
+    if args.prefs is None:     # a verifier task labels its own pairs: one right and one wrong SFT sample
+        require(is_verifiable(config.task), "--prefs is needed (pairs or rankings from `collect`), unless the "
+                                            "task has a verifier (--task arithmetic labels its own pairs)")
+        pairs = {**stage_defaults(config.task, "verifier_pairs"),
+                 **(stage_defaults(config.task, "verifier_pairs", fast=True) if args.fast else {})}
+        summary = train_dpo_on_verifier_pairs(config, args.sft, out, pairs, **kw)
+    else:
+        summary = train_dpo(config, args.sft, args.prefs, out, **kw)
     print_summary(summary, out)
 
 
 def cmd_pft(args):
-    config = build_config(PreferredFTConfig(), PREFERRED_FT_FAST, args)
+    require(args.prefs is not None, "--prefs is needed (pairs or rankings from `collect`)")
+    config = build_config(PreferredFTConfig(), PREFERRED_FT_FAST, args, "preferred_ft", folders={"sft": args.sft})
     out = out_dir(args)
     summary = train_preferred_ft(config, args.sft, args.prefs, out, device=pick_device(args.device),
                                  resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -203,13 +237,15 @@ def cmd_pft(args):
 def dpo_flags(p):
     add_stage_flags(p)
     p.add_argument("--sft", required=True, help="the SFT run folder: initial policy and frozen reference")
-    p.add_argument("--prefs", "--data", dest="prefs", required=True,
+    p.add_argument("--prefs", "--data", dest="prefs", default=None,
                    help="rankings.jsonl from `collect` (a batch: whole rankings), or pairs.jsonl (a batch: pairs); "
-                        "held out: the sibling *_test.jsonl, or --set test_prefs=PATH")
+                        "held out: the sibling *_test.jsonl, or --set test_prefs=PATH. A verifier task "
+                        "(--task arithmetic) without --prefs labels pairs of SFT samples itself")
 
 
 def cmd_bon(args):
-    config = build_config(BestOfNConfig(), BEST_OF_N_FAST, args)
+    config = build_config(BestOfNConfig(), BEST_OF_N_FAST, args, "best_of_n",
+                          folders={"sft": args.sft, "rm": args.rm})
     out = out_dir(args)
     summary = run_best_of_n(config, args.sft, args.rm, out, device=pick_device(args.device),
                             overwrite=args.overwrite, progress=not args.quiet)
@@ -225,9 +261,22 @@ def bon_flags(p):
 
 def cmd_run(args):
     out = out_dir(args)
+    if args.task != "reviews":         # a verifier task: its own pipeline (verifiable.py)
+        return cmd_run_verifiable(args, out)
     combined = run_pipeline(out, fast=args.fast, seed=args.seed or 0, device=pick_device(args.device),
                             resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print((out / "report.md").read_text().split("## Samples")[0])
+    print(f"wrote {out} ({combined['total_seconds']:.0f} s)")
+
+
+def cmd_run_verifiable(args, out):
+    """`run --task arithmetic`: sft -> grpo, ppo, dpo, best-of-n against the verifier -> pass@k, report.md."""
+    require(args.task in TASKS, f"unknown task {args.task!r}; valid tasks: {', '.join(TASKS)}")
+    require(is_verifiable(args.task), f"run --task {args.task}: only the reviews task and verifier tasks have a pipeline")
+    combined = run_verifiable_pipeline(out, task=args.task, fast=args.fast, seed=args.seed or 0,
+                                       device=pick_device(args.device), resume=args.resume,
+                                       overwrite=args.overwrite, progress=not args.quiet)
+    print((out / "report.md").read_text())
     print(f"wrote {out} ({combined['total_seconds']:.0f} s)")
 
 
@@ -239,10 +288,14 @@ def run_flags(p):
     p.add_argument("--resume", action="store_true", help="keep the stages an interrupted run finished")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--task", default="reviews", help=f"the toy task: {', '.join(TASKS)} (a verifier task runs "
+                                                     "sft, grpo, ppo, dpo and best-of-n, then pass@k)")
 
 
 def cmd_frontier(args):
-    config = build_config(FrontierConfig(), FRONTIER_FAST, args)
+    require(args.task in (None, "reviews"), "frontier runs on the reviews task only (its reward model is learned)")
+    config = build(FrontierConfig(), fast=FRONTIER_FAST if args.fast else None, seed=args.seed,
+                   overrides=[args.set]).validate()
     out = out_dir(args)
     summary = run_frontier(config, out, base_dir=args.base, fast=args.fast, device=pick_device(args.device),
                            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -286,8 +339,10 @@ def version():
 # The command table: name -> (function, help, extra flags)
 
 def data_flags(p):
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--task", default="reviews")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files")
+    p.add_argument("--task", default="reviews", help=f"whose datasets to write: {', '.join(TASKS)}")
+    p.add_argument("--out", default=None, help="folder to write into (default: data/; a task with its own "
+                                               "folder writes <out>/<task>/)")
 
 
 def tokenizer_flags(p):

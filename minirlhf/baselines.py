@@ -39,9 +39,9 @@ from minirlhf.dpo import heldout_metrics, plot_logps_and_margins, sampled_evalua
 from minirlhf.losses import dpo_loss, sft_loss, token_logprobs
 from minirlhf.optim import cosine_lr, make_optimizer, optimizer_step, seed_everything, set_lr, step_generator
 from minirlhf.preferences import held_out_path, load_pair_sequences, pair_batch, sample_pairs
-from minirlhf.runs import Run
+from minirlhf.runs import Run, check_same_task
 from minirlhf.sampling import generate
-from minirlhf.tasks import get_task
+from minirlhf.tasks import format_fn, get_task
 from minirlhf.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------
@@ -105,6 +105,7 @@ def train_preferred_ft(config, sft_dir, prefs_path, out_dir, device="cpu", resum
                        progress=True):
     """SFT on the chosen responses of `prefs_path`; write the run folder and return the summary (DPO's keys)."""
     config.validate()
+    check_same_task(config.task, sft=sft_dir)
     started = time.perf_counter()
     tokenizer = load_tokenizer()
     pad = tokenizer.eot_token
@@ -233,6 +234,7 @@ def ranker_accuracy(rank_fn, tokenizer, pairs_path, config, block_size):
 def run_best_of_n(config, sft_dir, rm_dir, out_dir, device="cpu", overwrite=False, progress=True):
     """Best-of-N on the test prompts; write config.json and summary.json and return the summary."""
     config.validate()
+    check_same_task(config.task, sft=sft_dir, rm=rm_dir)
     started = time.perf_counter()
     require(config.ranker == "gold" or rm_dir, "ranker=rm needs a reward model: pass --rm DIR "
                    "(or --set ranker=gold for the oracle)")
@@ -266,6 +268,9 @@ def run_best_of_n(config, sft_dir, rm_dir, out_dir, device="cpu", overwrite=Fals
             "eval/seconds": time.perf_counter() - t0,
             "eval/samples": [{"text": k["text"], "gold": round(k["gold"], 4)} for k in kept[:5]],
         }
+        if format_fn(config.task) is not None:     # a verifier ranked: pass@1 of the kept answer ≈ pass@N
+            summary["eval/pass@1"] = summary["eval/gold_reward"]
+            summary["eval/format_reward"] = statistics.mean(format_fn(config.task)([k["text"] for k in kept]))
         if config.ranker == "rm":
             summary["eval/proxy_reward"] = statistics.mean(k["score"] for k in kept)
         if config.test_prefs:

@@ -28,7 +28,7 @@ from minirlhf.checkpoints import load_gpt
 from minirlhf.config import NON_NEGATIVE, POSITIVE, at_least, between, check_generation_fits, checked, require, validate
 from minirlhf.data import default_path, read_prompts, write_jsonl
 from minirlhf.preferences import pairs_of_ranking
-from minirlhf.runs import Run
+from minirlhf.runs import Run, check_same_task
 from minirlhf.sampling import generate
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import load_tokenizer
@@ -113,6 +113,7 @@ def label(policy, tokenizer, prompts, gold_fn, config, progress):
 def collect(config, sft_dir, out_dir, device="cpu", overwrite=False, progress=True):
     """Sample, label and write the preference datasets; return the summary dict."""
     config.validate()
+    check_same_task(config.task, sft=sft_dir)
     tokenizer = load_tokenizer()
     policy = load_gpt(sft_dir, device, tokenizer)
     check_generation_fits(config, policy.config.block_size)

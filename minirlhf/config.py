@@ -1,7 +1,11 @@
 """Stage configs: range checks declared beside each field, `--set key=value`, and the one way a
 config is built, used by the command line, `run` and `frontier` alike:
 
-    the dataclass's defaults → a variant (Preferred-FT, plain DPO…) → --fast → --seed → --set
+    the dataclass's defaults → the task's → a variant (Preferred-FT, plain DPO…) → --fast
+        → the task's --fast → --seed → --set
+
+(A task's settings for a stage are `tasks.stage_defaults(name, stage)`: its data files, sizes
+and step counts; they come as dicts, since the tasks' modules import this one.)
 
 A stage's config is a dataclass whose fields carry their own range check:
 
@@ -93,12 +97,14 @@ def check_generation_fits(config, block_size):
 
 
 # ---------------------------------------------------------------------------
-# Building a config: defaults → variant → --fast → seed → --set
+# Building a config: defaults → task → variant → --fast → task's --fast → seed → --set
 
-def build(config, *, variant=None, fast=None, seed=None, overrides=()):
-    """`config` (a stage's defaults) with, in order, `variant`, `fast` (the stage's FAST dict, or
-    None), `seed` (None: keep), then each of `overrides` (dicts or `--set` lists); last word wins."""
-    for layer in (variant, fast, None if seed is None else {"seed": seed}, *overrides):
+def build(config, *, task=None, variant=None, fast=None, task_fast=None, seed=None, overrides=()):
+    """`config` (a stage's defaults) with, in order, `task` (the task's settings for this stage),
+    `variant`, `fast` (the stage's FAST dict, or None), `task_fast` (the task's own --fast
+    settings, or None), `seed` (None: keep), then each of `overrides` (dicts or `--set` lists);
+    last word wins."""
+    for layer in (task, variant, fast, task_fast, None if seed is None else {"seed": seed}, *overrides):
         if layer:
             config = apply_overrides(config, layer)
     return config

@@ -36,9 +36,9 @@ from minirlhf.evaluate import evaluate_policy
 from minirlhf.losses import DPO_LOSS_TYPES, dpo_loss, rpo_nll
 from minirlhf.optim import cosine_lr, make_optimizer, optimizer_step, seed_everything, set_lr, step_generator
 from minirlhf.preferences import distinct_rows, held_out_path, load_pair_sequences, sample_pairs
-from minirlhf.runs import Run, figure
+from minirlhf.runs import Run, check_same_task, figure
 from minirlhf.sampling import sequence_logprobs
-from minirlhf.tasks import get_task
+from minirlhf.tasks import format_fn, get_task
 from minirlhf.tokenizer import load_tokenizer
 
 
@@ -145,7 +145,8 @@ def sampled_evaluation(policy, reference, tokenizer, config):
     def evaluate(n_prompts, n_show=5):
         return evaluate_policy(policy, tokenizer, prompts[:n_prompts], gold_fn, reference=reference,
                                max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
-                               generator=step_generator(config.seed, -1), n_show=n_show)
+                               generator=step_generator(config.seed, -1), n_show=n_show,
+                               format_fn=format_fn(config.task))
     return evaluate
 
 
@@ -175,6 +176,7 @@ def plot_logps_and_margins(rows, path, title):
 def train_dpo(config, sft_dir, prefs_path, out_dir, device="cpu", resume=False, overwrite=False, progress=True):
     """Train a policy on preferences with `config.loss_type`; write the run folder and return the summary."""
     config.validate()
+    check_same_task(config.task, sft=sft_dir)
     started = time.perf_counter()
     tokenizer = load_tokenizer()
     pad = tokenizer.eot_token

@@ -10,6 +10,10 @@ estimate
 
 by the sample mean of the summed per-token log-ratios (the k1 estimator summed over the
 sequence: unbiased, though a single sample can be negative).
+
+On a task with a verifier (gold reward 0 or 1) the mean gold reward of one sample per prompt is
+pass@1, logged as `eval/pass@1` too, and the task's format check as `eval/format_reward`: the
+share of answers that are well formed, right or wrong (never mixed into the gold reward).
 """
 import statistics
 
@@ -21,8 +25,9 @@ from minirlhf.sampling import generate, sequence_logprobs
 @torch.no_grad()
 def evaluate_policy(policy, tokenizer, prompts, gold_fn, *, reference=None, reward_model=None,
                     max_new_tokens=48, max_prompt_tokens=16, temperature=1.0, batch_size=128,
-                    generator=None, n_show=5):
-    """Sample once per prompt and return the `eval/...` metrics (see docs/metrics.md)."""
+                    generator=None, n_show=5, format_fn=None):
+    """Sample once per prompt and return the `eval/...` metrics (see docs/metrics.md). `format_fn`
+    (texts -> list of 0/1): a verifier task's format check; adds eval/format_reward and eval/pass@1."""
     golds, judged, proxies, kls, lengths, finished, shown = [], [], [], [], [], [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
@@ -51,5 +56,8 @@ def evaluate_policy(policy, tokenizer, prompts, gold_fn, *, reference=None, rewa
         summary["eval/kl"] = statistics.mean(kls)
     if proxies:
         summary["eval/proxy_reward"] = statistics.mean(proxies)
+    if format_fn is not None:
+        summary["eval/pass@1"] = summary["eval/gold_reward"]
+        summary["eval/format_reward"] = statistics.mean(format_fn(judged))
     summary["eval/samples"] = [{"text": t, "gold": round(g, 4)} for t, g in zip(judged[:n_show], golds[:n_show])]
     return summary

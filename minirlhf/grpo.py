@@ -40,11 +40,11 @@ from minirlhf.evaluate import evaluate_policy
 from minirlhf.losses import (AGGREGATIONS, entropy, gae, group_advantages, kl_penalized_rewards, kl_penalty,
                              masked_aggregate, masked_mean, masked_whiten, ppo_policy_loss, rloo_advantages)
 from minirlhf.optim import fused_adam, seed_everything, step_generator
-from minirlhf.ppo import make_reward_fn, policy_forward
-from minirlhf.runs import Run
+from minirlhf.ppo import PERIODIC_EVAL, make_reward_fn, policy_forward
+from minirlhf.runs import Run, check_same_task
 from minirlhf.sampling import generate, response_logprobs, trim_padding
 from minirlhf.sft import load_examples, validation_loss
-from minirlhf.tasks import get_task
+from minirlhf.tasks import format_fn, get_task, is_verifiable, task_path
 from minirlhf.tokenizer import load_tokenizer
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
@@ -60,6 +60,7 @@ class GRPOConfig:
     """Critic-free RL. Defaults: the same 64 samples per iteration and 60 iterations as PPO's."""
     prompts: str = str(default_path("prompts_train"))       # rollout prompts JSONL: {"prompt"}
     test_prompts: str = str(default_path("prompts_test"))   # evaluation prompts
+    val_data: typing.Optional[str] = None   # demonstrations for eval/ptx_loss (None: the task's sft_val.jsonl)
     task: str = "reviews"           # whose gold judge is logged (and optimised with reward=gold)
     reward: str = checked("rm", one_of("rm", "gold"))  # "rm": the learned reward model; "gold": the gold judge
     advantage: str = checked("grpo", one_of(*ADVANTAGES))  # grpo | dr_grpo | rloo | reinforce_pp (module docstring)
@@ -107,7 +108,8 @@ FAST = dict(iterations=8, rollout_batch=32, eval_every=4, n_periodic_eval=32, n_
 
 @torch.no_grad()
 def sample_groups(policy, reference, reward_fn, tokenizer, prompts, config, generator):
-    """G completions per prompt, rows grouped (prompt 0's G rows first). Returns (batch, gold list)."""
+    """G completions per prompt, rows grouped (prompt 0's G rows first). Returns (batch, gold list);
+    on a verifier task the batch also holds each row's format check, `format` (N,)."""
     repeated = [p for p in prompts for _ in range(config.group_size)]
     out, completions = generate(policy, tokenizer, repeated, max_new_tokens=config.max_new_tokens,
                                 max_prompt_tokens=config.max_prompt_tokens, temperature=config.temperature,
@@ -115,9 +117,12 @@ def sample_groups(policy, reference, reward_fn, tokenizer, prompts, config, gene
     tokens, attention, response = trim_padding(out.tokens, out.attention_mask, out.response_mask)
     logprobs, _, _ = policy_forward(policy, None, tokens, attention, config.temperature)    # (N, T-1)
     ref_logprobs = response_logprobs(reference, tokens, attention, config.temperature)       # (N, T-1)
-    scores, gold = reward_fn(tokens, attention, [p + c for p, c in zip(repeated, completions)])  # (N,), list
+    texts = [p + c for p, c in zip(repeated, completions)]
+    scores, gold = reward_fn(tokens, attention, texts)                                      # (N,), list
     batch = dict(tokens=tokens, attention=attention, mask=response[:, 1:].float(), logprobs=logprobs,
                  ref_logprobs=ref_logprobs, scores=scores, finished=out.finished.float())
+    if format_fn(config.task) is not None:      # logged only: the correctness reward is `scores`
+        batch["format"] = torch.tensor(format_fn(config.task)(texts))                        # (N,)
     return batch, gold
 
 
@@ -181,6 +186,11 @@ def grpo_iteration(policy, reference, optimizer, reward_fn, tokenizer, prompts, 
              "objective/kl": ((batch["logprobs"] - batch["ref_logprobs"]) * mask).sum(-1).mean().item(),
              "objective/length": mask.sum(-1).mean().item(), "objective/eos_rate": batch["finished"].mean().item(),
              "frac_reward_zero_std": zero_std.float().mean().item() if config.group_size > 1 else 0.0}
+    if is_verifiable(config.task):   # a 0/1 reward: which groups teach nothing, and why
+        right = torch.tensor(gold).view(-1, config.group_size)                            # (N/G, G)
+        stats.update({"frac_groups_all_right": (right == 1).all(1).float().mean().item(),
+                      "frac_groups_all_wrong": (right == 0).all(1).float().mean().item(),
+                      "gold/format_reward": batch["format"].mean().item()})
     if config.drop_zero_std_groups and config.group_size > 1:
         keep = (~zero_std).repeat_interleave(config.group_size)                           # (N,)
         batch = {k: v[keep] for k, v in batch.items()}
@@ -195,6 +205,7 @@ def train_grpo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, ove
     """Run the critic-free stage from the SFT model against the reward model (or gold); return the summary."""
     config.validate()
     require(config.reward == "gold" or rm_dir is not None, "--rm is needed unless --reward gold")
+    check_same_task(config.task, sft=sft_dir, rm=rm_dir)
     tokenizer = load_tokenizer()
     policy = load_gpt(sft_dir, device, tokenizer)
     check_generation_fits(config, policy.config.block_size)
@@ -207,13 +218,15 @@ def train_grpo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, ove
     prompts = read_prompts(config.prompts, tokenizer, config.max_prompt_tokens)  # every prompt checked now
     test_prompts = read_prompts(config.test_prompts, tokenizer, config.max_prompt_tokens)
     lengths = types.SimpleNamespace(block_size=policy.config.block_size, max_prompt_tokens=config.max_prompt_tokens)
-    val_examples = load_examples(str(default_path("sft_val")), tokenizer, lengths)  # for eval/ptx_loss
+    val_examples = load_examples(config.val_data or str(task_path(config.task, "sft_val")), tokenizer,
+                                 lengths)                                       # for eval/ptx_loss
     n_prompts = config.rollout_batch // config.group_size
 
     def evaluate(n):
         return evaluate_policy(policy, tokenizer, test_prompts[:n], gold_fn, reference=reference,
                                reward_model=reward_model, max_new_tokens=config.max_new_tokens,
-                               max_prompt_tokens=config.max_prompt_tokens, generator=step_generator(config.seed, -1))
+                               max_prompt_tokens=config.max_prompt_tokens, generator=step_generator(config.seed, -1),
+                               format_fn=format_fn(config.task))
 
     with Run(out_dir, "grpo", config, resume=resume, overwrite=overwrite, progress=progress,
              sft=sft_dir, rm=rm_dir) as run:
@@ -227,7 +240,7 @@ def train_grpo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, ove
             stats.update(kl_coef=config.kl_coef, step=it + 1)
             if (it + 1) % config.eval_every == 0 or it + 1 == config.iterations:
                 stats.update({k: v for k, v in evaluate(config.n_periodic_eval).items()
-                              if k in ("eval/gold_reward", "eval/kl", "eval/proxy_reward")})
+                              if k in PERIODIC_EVAL})
                 run.checkpoint(it + 1)
             run.log(stats)
             run.show(score=f"{stats['objective/scores']:.2f}", gold=f"{stats['gold/reward']:.2f}",
@@ -240,4 +253,7 @@ def train_grpo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, ove
                  f"{config.advantage}: proxy and gold reward, KL, length per iteration")
         run.plot(["frac_reward_zero_std", "objective/entropy", "policy/clipfrac", "policy/approx_kl"],
                  "grpo_diagnostics.png", f"{config.advantage} diagnostics")
+        if is_verifiable(config.task):
+            run.plot(["frac_groups_all_right", "frac_groups_all_wrong", "gold/format_reward", "objective/length"],
+                     "grpo_groups.png", f"{config.advantage} on a verifier: groups that teach nothing, format, length")
         return run.finish(summary, policy)

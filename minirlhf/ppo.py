@@ -23,6 +23,7 @@ import dataclasses
 import statistics
 import time
 import types
+import typing
 
 import torch
 
@@ -34,10 +35,10 @@ from minirlhf.losses import (AdaptiveKLController, entropy, explained_variance, 
                              masked_mean, masked_whiten, ppo_policy_loss, ppo_ptx_loss, ppo_value_loss, token_logprobs)
 from minirlhf.model import ScalarHeadModel
 from minirlhf.optim import fused_adam, seed_everything, step_generator
-from minirlhf.runs import Run
+from minirlhf.runs import Run, check_same_task
 from minirlhf.sampling import generate, response_logprobs, trim_padding
 from minirlhf.sft import load_examples, validation_loss
-from minirlhf.tasks import get_task
+from minirlhf.tasks import format_fn, get_task, task_path
 from minirlhf.tokenizer import load_tokenizer
 
 
@@ -47,6 +48,7 @@ class PPOConfig:
     prompts: str = str(default_path("prompts_train"))       # rollout prompts JSONL: {"prompt"}
     test_prompts: str = str(default_path("prompts_test"))   # evaluation prompts
     ptx_data: str = str(default_path("sft_train"))           # demonstrations for PPO-ptx
+    val_data: typing.Optional[str] = None   # demonstrations for eval/ptx_loss (None: the task's sft_val.jsonl)
     task: str = "reviews"           # whose gold judge is logged (and optimised with reward=gold)
     reward: str = checked("rm", one_of("rm", "gold"))  # "rm": the learned reward model; "gold": the gold judge (PPO-GT)
     iterations: int = checked(60, POSITIVE)      # rollout + update rounds
@@ -85,6 +87,8 @@ class PPOConfig:
 
 # --fast: a smaller step, as the fast reward model is weak (~67 % accuracy) and lr 3e-4 wrecked the tiny policy
 FAST = dict(iterations=8, rollout_batch=32, eval_every=4, n_periodic_eval=32, n_eval_samples=64, lr=5e-5)
+# the periodic evaluation's metrics kept in metrics.jsonl (pass@1 and format: a verifier task only)
+PERIODIC_EVAL = ("eval/gold_reward", "eval/kl", "eval/proxy_reward", "eval/pass@1", "eval/format_reward")
 
 
 # ---------------------------------------------------------------------------
@@ -113,6 +117,7 @@ def rollout(policy, reference, critic, reward_fn, tokenizer, prompts, config, ge
         values = critic(tokens[:, :-1], attention[:, :-1])                   # (B, T-1): V(state before token t+1)
     texts = [p + c for p, c in zip(prompts, completions)]
     scores, gold = reward_fn(tokens, attention, texts)                       # (B,), list of floats
+    formatted = format_fn(config.task)(texts) if format_fn(config.task) else None   # logged, never rewarded
     scores = scores - config.missing_eos_penalty * (~out.finished).float()
     rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator)
     if config.whiten_rewards:
@@ -124,6 +129,8 @@ def rollout(policy, reference, critic, reward_fn, tokenizer, prompts, config, ge
              "objective/rlhf_reward": (scores - kl_coef * seq_kl).mean().item(),
              "objective/eos_rate": out.finished.float().mean().item(),
              "objective/length": mask.sum(-1).mean().item()}
+    if formatted is not None:
+        stats["gold/format_reward"] = statistics.mean(formatted)
     batch = dict(tokens=tokens, attention=attention, mask=mask, logprobs=logprobs, values=values,
                  advantages=masked_whiten(advantages, mask) * mask, returns=returns)
     return batch, stats, texts
@@ -201,13 +208,15 @@ def load_demonstrations(config, tokenizer, block_size):
     """PPO-ptx's demonstrations (None when ptx_coef is 0), and the SFT validation set for eval/ptx_loss."""
     lengths = types.SimpleNamespace(block_size=block_size, max_prompt_tokens=config.max_prompt_tokens)
     ptx_examples = load_examples(config.ptx_data, tokenizer, lengths) if config.ptx_coef > 0 else None
-    return ptx_examples, load_examples(str(default_path("sft_val")), tokenizer, lengths)
+    val_path = config.val_data or str(task_path(config.task, "sft_val"))   # the task's own demonstrations
+    return ptx_examples, load_examples(val_path, tokenizer, lengths)
 
 
 def train_ppo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, overwrite=False, progress=True):
     """Run PPO from the SFT model against the reward model (or gold); return the summary dict."""
     config.validate()
     require(config.reward == "gold" or rm_dir is not None, "--rm is needed unless --reward gold")
+    check_same_task(config.task, sft=sft_dir, rm=rm_dir)
     tokenizer = load_tokenizer()
     policy = load_gpt(sft_dir, device, tokenizer)
     check_generation_fits(config, policy.config.block_size)
@@ -227,7 +236,8 @@ def train_ppo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, over
     def evaluate(n):
         return evaluate_policy(policy, tokenizer, test_prompts[:n], gold_fn, reference=reference,
                                reward_model=reward_model, max_new_tokens=config.max_new_tokens,
-                               max_prompt_tokens=config.max_prompt_tokens, generator=step_generator(config.seed, -1))
+                               max_prompt_tokens=config.max_prompt_tokens, generator=step_generator(config.seed, -1),
+                               format_fn=format_fn(config.task))
 
     with Run(out_dir, "ppo", config, resume=resume, overwrite=overwrite, progress=progress,
              sft=sft_dir, rm=rm_dir) as run:
@@ -248,8 +258,7 @@ def train_ppo(config, sft_dir, rm_dir, out_dir, device="cpu", resume=False, over
             if config.adaptive_kl:
                 kl_ctl.update(stats["objective/kl"], config.rollout_batch)
             if (it + 1) % config.eval_every == 0 or it + 1 == config.iterations:
-                stats.update({k: v for k, v in evaluate(config.n_periodic_eval).items()
-                              if k in ("eval/gold_reward", "eval/kl", "eval/proxy_reward")})
+                stats.update({k: v for k, v in evaluate(config.n_periodic_eval).items() if k in PERIODIC_EVAL})
                 run.checkpoint(it + 1)
             run.log(stats)
             run.show(score=f"{stats['objective/scores']:.2f}", gold=f"{stats['gold/reward']:.2f}",

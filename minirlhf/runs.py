@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from minirlhf.checkpoints import save_model
 from minirlhf.config import ConfigError
 from minirlhf.files import WriteError, atomic_write_text, load_torch, read_json, save_torch, write_json
+from minirlhf.tasks import TASKS, same_data
 from minirlhf.tokenizer import DEFAULT_RANKS_PATH, fingerprint
 
 try:
@@ -214,6 +215,22 @@ def check_run_dir(out_dir, overwrite=False, resume=False):
         raise ConfigError(f"{out_dir} holds an interrupted run; pass --resume to continue it, --overwrite "
                           "to start again, or choose another --out")
     return out_dir
+
+
+def folder_task(run_dir):
+    """The task a stage folder was trained on (its config.json's "task"); None if it does not say."""
+    path = Path(run_dir) / "config.json"
+    return read_json(path).get("task") if path.is_file() else None
+
+
+def check_same_task(task, **folders):
+    """Refuse an input folder (sft=DIR, rm=DIR…) trained on another task's data: its model has
+    never seen this task's prompts. Arithmetic and its lenient twin share data and pass."""
+    for name, folder in folders.items():
+        trained = folder_task(folder) if folder else None
+        if trained in TASKS and task in TASKS and not same_data(trained, task):
+            raise ConfigError(f"{folder} was trained on task {trained}; this command asks for {task} "
+                              f"(leave out --task to follow the {name} folder, or give a {name} folder of {task})")
 
 
 def prepare_run_dir(out_dir, overwrite=False, resume=False):

@@ -36,7 +36,7 @@ from minirlhf.losses import sft_loss
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.optim import cosine_lr, make_optimizer, optimizer_step, seed_everything, set_lr, step_generator
 from minirlhf.runs import Run
-from minirlhf.tasks import get_task
+from minirlhf.tasks import format_fn, get_task
 from minirlhf.tokenizer import load_tokenizer
 
 
@@ -131,7 +131,7 @@ def final_evaluation(model, tokenizer, val, test_prompts, config, device, tokens
     summary.update(evaluate_policy(model, tokenizer, test_prompts, get_task(config.task).gold_reward,
                                    max_new_tokens=config.max_new_tokens,
                                    max_prompt_tokens=config.max_prompt_tokens,
-                                   generator=step_generator(config.seed, -1)))
+                                   generator=step_generator(config.seed, -1), format_fn=format_fn(config.task)))
     summary["model/params"] = model.num_params()
     summary["train/tokens_per_s"] = tokens_per_s
     summary["train/flops_per_s"] = 6 * model.num_params() * tokens_per_s   # 6·N per token (Kaplan et al. 2020)

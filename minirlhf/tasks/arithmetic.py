@@ -29,7 +29,7 @@ import re
 import types
 from pathlib import Path
 
-from minirlhf.data import write_jsonl
+from minirlhf.data import DATA_DIR, write_jsonl
 
 MAX_DIGITS = 2          # operands are drawn uniformly from 0 .. 10**MAX_DIGITS - 1
 ERROR_RATE = 0.6        # fraction of demonstrations whose answer has a one-digit slip
@@ -148,7 +148,47 @@ def write_datasets(out_dir, seed=0):
     return paths
 
 
+# ---------------------------------------------------------------------------
+# Each stage's settings for this task (config.build applies them after the stage's defaults)
+
+def _files(**splits):
+    return {field: str(DATA_DIR / DATA_SUBDIR / f"{split}.jsonl") for field, split in splits.items()}
+
+
+LENGTHS = dict(max_prompt_tokens=8, max_new_tokens=6)   # "07+45=" is 6 tokens; "052" + EOS is 4
+EVAL = dict(n_eval_samples=500)                          # every held-out prompt
+STAGE_DEFAULTS = {
+    # docs/rlvr.md "Commands": the sizes the measured numbers there were run with
+    "sft": dict(**_files(data="sft_train", val_data="sft_val", test_prompts="prompts_test"), **LENGTHS, **EVAL,
+                block_size=16, n_embd=128, n_head=4, steps=500, eval_every=100, lr=3e-3),
+    "grpo": dict(**_files(prompts="prompts_train", test_prompts="prompts_test", val_data="sft_val"), **LENGTHS,
+                 **EVAL, reward="gold", group_size=8, rollout_batch=256, minibatch_size=64, epochs=1, lr=2e-4,
+                 iterations=200, eval_every=25, n_periodic_eval=200),
+    # not tuned on this task: GRPO's batch and learning rate, the verifier as the reward
+    "ppo": dict(**_files(prompts="prompts_train", test_prompts="prompts_test", ptx_data="sft_train",
+                         val_data="sft_val"), **LENGTHS, **EVAL, reward="gold", rollout_batch=256,
+                minibatch_size=64, ppo_epochs=1, lr=2e-4, iterations=200, eval_every=25, n_periodic_eval=200),
+    # not tuned on this task: pairs of one right and one wrong SFT sample (verifiable.verifier_pairs)
+    "dpo": dict(**_files(test_prompts="prompts_test"), **LENGTHS, **EVAL, batch_size=16, steps=200, lr=1e-4),
+    "verifier_pairs": dict(**_files(prompts="prompts_train"), n_prompts=2000, n_samples=8, test_fraction=0.1),
+    # the verifier ranks the N samples: a right one is kept if any of them is right
+    "best_of_n": dict(**_files(test_prompts="prompts_test"), **LENGTHS, **EVAL, ranker="gold", n=8),
+    # run --task arithmetic: pass@k from n samples on each of n_prompts held-out prompts
+    "pass_at_k": dict(n=128, n_prompts=500),
+    "pass_at_k_fast": dict(n=64, n_prompts=16),
+    # --fast: seconds, not results
+    "sft_fast": dict(n_embd=64, n_head=4, steps=300, batch_size=64, lr=3e-3, warmup_steps=10, eval_every=50,
+                     n_eval_samples=64),
+    "grpo_fast": dict(group_size=8, rollout_batch=64, iterations=4, lr=2e-4, eval_every=2, n_periodic_eval=32,
+                      n_eval_samples=64),
+    "ppo_fast": dict(rollout_batch=64, iterations=4, lr=2e-4, eval_every=2, n_periodic_eval=32, n_eval_samples=64),
+    "dpo_fast": dict(steps=10, batch_size=16, n_eval_samples=64),
+    "verifier_pairs_fast": dict(n_prompts=256),
+    "best_of_n_fast": dict(n=8, n_eval_samples=64),
+}
+
+
 # The same task judged by the planted loophole, registered as "arithmetic_lenient": train on it
 # (`--set task=arithmetic_lenient`), then judge the policy with the strict verifier (docs/rlvr.md).
-LENIENT = types.SimpleNamespace(gold_reward=lenient_reward, make_datasets=make_datasets,
-                                write_datasets=write_datasets, DATA_SUBDIR=DATA_SUBDIR)
+LENIENT = types.SimpleNamespace(gold_reward=lenient_reward, format_reward=format_reward, make_datasets=make_datasets,
+                                write_datasets=write_datasets, DATA_SUBDIR=DATA_SUBDIR, STAGE_DEFAULTS=STAGE_DEFAULTS)
