@@ -1,7 +1,7 @@
 """Configs (minirlhf/config.py): the order in which a config is built, and the per-field checks.
 
-Hand examples: `build` applies defaults → variant → --fast → seed → --set, the last word
-winning; a field's rule names the field, the rule and, where given, the reason; a
+Hand examples: `build` applies defaults → the task's → variant → --fast → the task's --fast →
+seed → --set, the last word winning; a field's rule names the field, the rule and, where given, the reason; a
 two-field rule (`check_together`) runs after the field rules.
 """
 import dataclasses
@@ -34,6 +34,14 @@ def test_build_applies_variant_fast_seed_then_overrides_last_word_wins():
                    overrides=[{"k": 5}, ["lr=0.25", "seed=9"]])
     assert (config.steps, config.lr, config.k, config.seed) == (3, 0.25, 5, 9)
     assert build(Toy(), fast=None, seed=None) == Toy(), "nothing given: the defaults"
+
+
+def test_the_task_layer_comes_after_the_defaults_and_before_fast_and_set():
+    config = build(Toy(), task={"steps": 50, "lr": 0.5, "k": 6, "decay": 0.1}, fast={"steps": 3, "lr": 0.2},
+                   task_fast={"lr": 0.1}, overrides=[["k=7"]])
+    # steps: the stage's --fast beats the task; lr: the task's --fast beats the stage's; k: --set beats all
+    assert (config.steps, config.lr, config.k, config.decay) == (3, 0.1, 7, 0.1)
+    assert build(Toy(), task={"steps": 50}, task_fast={"steps": 5}).steps == 5
 
 
 @pytest.mark.parametrize("setting, message", [

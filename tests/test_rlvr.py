@@ -3,16 +3,17 @@
 Checks the verifier on hand cases (right, wrong, malformed, extra text, no problem at all) and
 the planted lenient variant; pass@k by hand, against a brute-force count over every k-subset,
 and its edge cases; that the data generator is deterministic by seed, keeps test problems out
-of every other split and plants slips at the stated rate; and a smoke run: SFT on the task,
-a short GRPO run with the verifier's reward, and a pass@k table from each model.
+of every other split and plants slips at the stated rate; and a smoke run, `run --task
+arithmetic --fast`: every stage records the task, the summaries carry pass@1 and the format
+rate, GRPO logs its all-right/all-wrong groups, DPO's pairs are (right, wrong) by the verifier,
+pass@k grows with k, a later stage follows the SFT folder's task and another task is refused,
+and the pipeline refuses a finished folder and keeps finished stages on --resume.
 """
 import math
 import random
 
 import pytest
-import torch
 
-from minirlhf.config import apply_overrides
 from minirlhf.losses import pass_at_k, pass_at_k_bruteforce
 from minirlhf.tasks import arithmetic, get_task
 from minirlhf.verifiable import pass_at_k_table
@@ -167,33 +168,75 @@ def test_held_out_problems_and_the_slip_rate():
 
 
 # ---------------------------------------------------------------------------
-# Smoke run: SFT on the task, GRPO with the verifier's reward, pass@k of both
+# `run --task arithmetic --fast`: every stage by its --task defaults, then what each stage wrote
 
-def test_smoke_sft_grpo_and_pass_at_k(tmp_path):
-    from minirlhf.checkpoints import load_gpt
-    from minirlhf.data import DATA_DIR, read_jsonl
-    from minirlhf.grpo import GRPOConfig, train_grpo
-    from minirlhf.sft import SFTConfig, train_sft
-    from minirlhf.tokenizer import load_tokenizer
-    from minirlhf.verifiable import pass_at_k_curve
-    d = DATA_DIR / arithmetic.DATA_SUBDIR
-    lengths = dict(task="arithmetic", max_prompt_tokens=8, max_new_tokens=6)
-    sft = train_sft(apply_overrides(SFTConfig(), dict(
-        **lengths, data=str(d / "sft_train.jsonl"), val_data=str(d / "sft_val.jsonl"),
-        test_prompts=str(d / "prompts_test.jsonl"), block_size=16, n_embd=64, n_head=4, steps=150, batch_size=64,
-        lr=3e-3, warmup_steps=10, eval_every=50, n_eval_samples=64)), tmp_path / "sft", progress=False)
-    assert sft["eval/length"] <= 7 and sft["eval/eos_rate"] > 0.9      # short numeric answers, then EOS
-    grpo = train_grpo(apply_overrides(GRPOConfig(), dict(
-        **lengths, reward="gold", prompts=str(d / "prompts_train.jsonl"), test_prompts=str(d / "prompts_test.jsonl"),
-        group_size=8, rollout_batch=64, iterations=4, lr=2e-4, eval_every=2, n_periodic_eval=32,
-        n_eval_samples=64)), tmp_path / "sft", None, tmp_path / "grpo", progress=False)
-    assert 0.0 <= grpo["eval/gold_reward"] <= 1.0
-    tokenizer = load_tokenizer()
-    prompts = [r["prompt"] for r in read_jsonl(d / "prompts_test.jsonl", "prompts")][:16]
-    for run in ("sft", "grpo"):
-        policy = load_gpt(tmp_path / run, tokenizer=tokenizer).eval()
-        table, counts = pass_at_k_curve(policy, tokenizer, prompts, arithmetic.gold_reward, n=8, ks=(1, 2, 8),
-                                        max_new_tokens=6, max_prompt_tokens=8)
-        assert len(counts) == 16 and all(0 <= c <= 8 for c in counts)
-        assert table[1] <= table[2] <= table[8] <= 1.0
-        assert table[1] == pytest.approx(sum(counts) / (16 * 8))
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    from minirlhf.__main__ import main
+    out = tmp_path_factory.mktemp("rlvr") / "run"
+    assert main(["run", "--task", "arithmetic", "--fast", "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+def read(path):
+    import json
+    return json.loads(path.read_text())
+
+
+def test_run_task_arithmetic_writes_every_stage_and_a_report(fast_run):
+    report = (fast_run / "report.md").read_text()
+    for method in ("sft", "grpo", "ppo", "dpo", "best_of_n"):
+        assert read(fast_run / method / "config.json")["task"] == "arithmetic", method
+        summary = read(fast_run / method / "summary.json")
+        assert summary["eval/pass@1"] == summary["eval/gold_reward"] and 0 <= summary["eval/format_reward"] <= 1
+        assert f"| {method} | " in report
+    assert "| method | pass@1 | pass@8 | pass@64 | format | time (s) |" in report
+    assert (fast_run / "pass_at_k" / "pass_at_k.png").exists()
+    for method, row in read(fast_run / "pass_at_k" / "pass_at_k.json").items():
+        table = [row["pass_at_k"][str(k)] for k in (1, 2, 4, 8, 16, 32, 64)]
+        assert table == sorted(table) and table[-1] <= 1.0, method          # pass@k grows with k
+    ppo = read(fast_run / "ppo" / "config.json")
+    assert (ppo["reward"], ppo["rm"]) == ("gold", None), "PPO against the verifier: no reward model"
+    assert read(fast_run / "grpo" / "config.json")["val_data"].endswith("arithmetic/sft_val.jsonl")
+
+
+def test_grpo_logs_groups_all_right_and_all_wrong_format_and_length(fast_run):
+    import json
+    rows = [json.loads(line) for line in (fast_run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert 0 <= row["frac_groups_all_right"] + row["frac_groups_all_wrong"] <= 1
+        assert 0 <= row["gold/format_reward"] <= 1 and row["objective/length"] > 0
+    assert "eval/pass@1" in rows[-1] and (fast_run / "grpo" / "grpo_groups.png").exists()
+
+
+def test_dpo_pairs_are_a_right_and_a_wrong_answer_by_the_verifier(fast_run):
+    from minirlhf.data import read_jsonl
+    for name in ("pairs.jsonl", "pairs_test.jsonl"):
+        pairs = read_jsonl(fast_run / "dpo" / name, "pairs")
+        assert pairs, name
+        for pair in pairs:
+            assert arithmetic.verify(pair["prompt"] + pair["chosen"]) == 1.0
+            assert arithmetic.verify(pair["prompt"] + pair["rejected"]) == 0.0
+
+
+def test_a_later_stage_follows_the_sft_folder_and_another_task_is_refused(fast_run, tmp_path, capsys):
+    from minirlhf.__main__ import main
+    sft = str(fast_run / "sft")
+    assert main(["grpo", "--sft", sft, "--task", "reviews", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert f"{sft} was trained on task arithmetic; this command asks for reviews" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists(), "refused before anything is written"
+    assert main(["collect", "--sft", sft, "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "no preferences or reward model are needed" in capsys.readouterr().err
+    assert main(["grpo", "--sft", sft, "--fast", "--quiet", "--out", str(tmp_path / "grpo"),
+                 "--set", "iterations=1", "eval_every=1", "n_periodic_eval=8", "n_eval_samples=8"]) == 0
+    config = read(tmp_path / "grpo" / "config.json")
+    assert (config["task"], config["reward"], config["max_new_tokens"]) == ("arithmetic", "gold", 6)
+
+
+def test_run_refuses_a_finished_folder_and_resume_keeps_the_stages(fast_run, capsys):
+    from minirlhf.__main__ import main
+    assert main(["run", "--task", "arithmetic", "--fast", "--quiet", "--out", str(fast_run)]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    model = (fast_run / "grpo" / "model.pt").stat().st_mtime_ns
+    assert main(["run", "--task", "arithmetic", "--fast", "--quiet", "--out", str(fast_run), "--resume"]) == 0
+    assert (fast_run / "grpo" / "model.pt").stat().st_mtime_ns == model, "a finished stage is kept"

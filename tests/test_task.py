@@ -3,7 +3,10 @@
 Checks that the judge orders sentiment correctly (positive > neutral > negative), that
 context matters ("not good" < "good", "X but Y" weighs Y), that degenerate text scores
 low, that every demonstration is fluent, and that `python -m minirlhf data` regenerates
-data/ byte-identically.
+data/ byte-identically. Choosing a task: `data --task arithmetic` writes the shipped files byte
+for byte (and leaves the tokenizer alone), a task's stage defaults sit between the stage's
+defaults and --set, a folder of another task is refused, and an unknown --task lists the
+valid ones (exit 2, nothing written).
 """
 import filecmp
 import random
@@ -80,3 +83,52 @@ def test_data_regenerates_byte_identically(tmp_path):
 def test_unknown_task_lists_known_ones():
     with pytest.raises(ValueError, match="reviews"):
         get_task("poetry")
+
+
+def test_data_task_arithmetic_writes_the_shipped_files(tmp_path, capsys):
+    from minirlhf.__main__ import main
+    from minirlhf.data import DATA_DIR
+    tokenizer = (DATA_DIR / "tokenizer.tiktoken").stat().st_mtime_ns
+    assert main(["data", "--task", "arithmetic", "--out", str(tmp_path)]) == 0
+    written = sorted((tmp_path / "arithmetic").iterdir())
+    assert [p.name for p in written] == ["prompts_test.jsonl", "prompts_train.jsonl", "sft_train.jsonl", "sft_val.jsonl"]
+    for path in written:
+        assert filecmp.cmp(path, DATA_DIR / "arithmetic" / path.name, shallow=False), path.name
+    assert (DATA_DIR / "tokenizer.tiktoken").stat().st_mtime_ns == tokenizer, "the tokenizer is the reviews'"
+    assert main(["data", "--task", "arithmetic", "--out", str(tmp_path / "s1"), "--seed", "1"]) == 0
+    assert not filecmp.cmp(tmp_path / "s1/arithmetic/sft_train.jsonl", written[2], shallow=False)
+
+
+def test_task_defaults_sit_between_the_stage_defaults_and_set():
+    from minirlhf.grpo import FAST, GRPOConfig
+    from minirlhf.tasks import task_config
+    config = task_config(GRPOConfig(), "grpo", "arithmetic", overrides=[["lr=1e-4"]])
+    assert (config.task, config.reward, config.max_new_tokens, config.group_size, config.lr) == (
+        "arithmetic", "gold", 6, 8, 1e-4)
+    assert config.prompts.endswith("arithmetic/prompts_train.jsonl")
+    assert config.val_data.endswith("arithmetic/sft_val.jsonl"), "eval/ptx_loss reads the task's own demonstrations"
+    fast = task_config(GRPOConfig(), "grpo", "arithmetic", fast=True, stage_fast=FAST)
+    assert (fast.iterations, fast.lr) == (4, 2e-4), "the task's --fast comes after the stage's"
+    assert task_config(GRPOConfig(), "grpo", "reviews") == GRPOConfig(), "reviews: the stage's own defaults"
+
+
+def test_a_folder_of_another_task_is_refused(tmp_path):
+    from minirlhf.config import ConfigError
+    from minirlhf.files import write_json
+    from minirlhf.runs import check_same_task
+    for task in ("reviews", "arithmetic"):
+        (tmp_path / task).mkdir()
+        write_json(tmp_path / task / "config.json", {"task": task})
+    check_same_task("arithmetic_lenient", sft=tmp_path / "arithmetic")   # the same data: allowed
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'reviews'} was trained on task reviews; "
+                                          "this command asks for arithmetic"):
+        check_same_task("arithmetic", sft=tmp_path / "arithmetic", rm=tmp_path / "reviews")
+
+
+@pytest.mark.parametrize("command", [["sft"], ["grpo", "--sft", "x"], ["run"], ["data"]])
+def test_unknown_task_on_the_command_line_lists_the_valid_ones(command, tmp_path, capsys):
+    from minirlhf.__main__ import main
+    assert main([*command, "--task", "poetry", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "unknown task 'poetry'" in error and "reviews, arithmetic" in error and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
