@@ -5,9 +5,9 @@ command finishes in seconds), --seed N, --set key=value (any field of the stage'
 dataclass), --device auto|cpu|cuda|mps, --resume, --overwrite and --debug. A stage's input
 file is --data FILE (sft: demonstrations; collect, ppo: prompts, also --prompts; rm, dpo,
 pft: preferences, also --prefs), and --task NAME picks the toy task (default: the task of the
---sft folder, so later stages follow the SFT model's; else reviews). Bad input is reported in one line with exit code 2;
---debug shows the traceback instead; Ctrl-C saves a checkpoint and exits with 130
-(docs/reliability.md).
+--sft folder, so later stages follow the SFT model's; else reviews). Bad input is reported in
+one line with exit code 2; --debug shows the traceback instead; Ctrl-C saves a checkpoint and
+exits with 130 (docs/reliability.md).
 """
 import argparse
 import json
@@ -272,7 +272,7 @@ def cmd_run(args):
 def cmd_run_verifiable(args, out):
     """`run --task arithmetic`: sft -> grpo, ppo, dpo, best-of-n against the verifier -> pass@k, report.md."""
     require(args.task in TASKS, f"unknown task {args.task!r}; valid tasks: {', '.join(TASKS)}")
-    require(is_verifiable(args.task), f"run --task {args.task}: only the reviews task and verifier tasks have a pipeline")
+    require(is_verifiable(args.task), f"run --task {args.task}: only reviews and the verifier tasks have a pipeline")
     combined = run_verifiable_pipeline(out, task=args.task, fast=args.fast, seed=args.seed or 0,
                                        device=pick_device(args.device), resume=args.resume,
                                        overwrite=args.overwrite, progress=not args.quiet)

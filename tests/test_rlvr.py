@@ -231,6 +231,10 @@ def test_a_later_stage_follows_the_sft_folder_and_another_task_is_refused(fast_r
                  "--set", "iterations=1", "eval_every=1", "n_periodic_eval=8", "n_eval_samples=8"]) == 0
     config = read(tmp_path / "grpo" / "config.json")
     assert (config["task"], config["reward"], config["max_new_tokens"]) == ("arithmetic", "gold", 6)
+    for command in (["bon"], ["dpo", "--set", "steps=2"]):    # no --rm, no --prefs: the verifier serves
+        assert main([*command, "--sft", sft, "--fast", "--quiet", "--out", str(tmp_path / command[0])]) == 0, command
+        assert read(tmp_path / command[0] / "config.json")["task"] == "arithmetic"
+    assert (tmp_path / "dpo" / "pairs.jsonl").exists()
 
 
 def test_run_refuses_a_finished_folder_and_resume_keeps_the_stages(fast_run, capsys):

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from minirlhf.tasks import get_task, reviews
+from minirlhf.tasks import arithmetic, get_task, reviews
 
 
 def gold(text):
@@ -91,7 +91,7 @@ def test_data_task_arithmetic_writes_the_shipped_files(tmp_path, capsys):
     tokenizer = (DATA_DIR / "tokenizer.tiktoken").stat().st_mtime_ns
     assert main(["data", "--task", "arithmetic", "--out", str(tmp_path)]) == 0
     written = sorted((tmp_path / "arithmetic").iterdir())
-    assert [p.name for p in written] == ["prompts_test.jsonl", "prompts_train.jsonl", "sft_train.jsonl", "sft_val.jsonl"]
+    assert [p.name for p in written] == sorted(f"{name}.jsonl" for name in arithmetic.SPLITS)
     for path in written:
         assert filecmp.cmp(path, DATA_DIR / "arithmetic" / path.name, shallow=False), path.name
     assert (DATA_DIR / "tokenizer.tiktoken").stat().st_mtime_ns == tokenizer, "the tokenizer is the reviews'"
