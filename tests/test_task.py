@@ -132,3 +132,21 @@ def test_unknown_task_on_the_command_line_lists_the_valid_ones(command, tmp_path
     error = capsys.readouterr().err
     assert "unknown task 'poetry'" in error and "reviews, arithmetic" in error and error.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_arithmetic_defaults_are_the_settings_of_the_measured_runs():
+    """docs/rlvr.md's numbers were run with these fields spelled out by --set; --task gives the same."""
+    from minirlhf.config import apply_overrides
+    from minirlhf.data import DATA_DIR
+    from minirlhf.grpo import GRPOConfig
+    from minirlhf.sft import SFTConfig
+    from minirlhf.tasks import task_config
+    d = DATA_DIR / "arithmetic"
+    lengths = dict(task="arithmetic", max_prompt_tokens=8, max_new_tokens=6, n_eval_samples=500)
+    sft = dict(data=f"{d}/sft_train.jsonl", val_data=f"{d}/sft_val.jsonl", test_prompts=f"{d}/prompts_test.jsonl",
+               block_size=16, n_embd=128, n_head=4, steps=500, eval_every=100, lr=3e-3, **lengths)
+    assert task_config(SFTConfig(), "sft", "arithmetic") == apply_overrides(SFTConfig(), sft)
+    grpo = dict(reward="gold", prompts=f"{d}/prompts_train.jsonl", test_prompts=f"{d}/prompts_test.jsonl",
+                val_data=f"{d}/sft_val.jsonl", group_size=8, rollout_batch=256, minibatch_size=64, epochs=1, lr=2e-4,
+                iterations=200, eval_every=25, n_periodic_eval=200, **lengths)
+    assert task_config(GRPOConfig(), "grpo", "arithmetic") == apply_overrides(GRPOConfig(), grpo)
