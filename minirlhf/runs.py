@@ -230,7 +230,7 @@ def check_same_task(task, **folders):
         trained = folder_task(folder) if folder else None
         if trained in TASKS and task in TASKS and not same_data(trained, task):
             raise ConfigError(f"{folder} was trained on task {trained}; this command asks for {task} "
-                              f"(leave out --task to follow the {name} folder, or give a {name} folder of {task})")
+                              f"(leave out --task to follow --{name}, or pass a --{name} folder trained on {task})")
 
 
 def prepare_run_dir(out_dir, overwrite=False, resume=False):
