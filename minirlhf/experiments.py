@@ -99,7 +99,8 @@ class FrontierConfig:
         require(self.workers >= 0, "workers must be >= 0 (0: one per core)")
         require(self.band_seeds >= 0, f"band_seeds must be >= 0 (0: no seed bands), got {self.band_seeds}")
         unknown = [m for m in names(self.band_methods) if m not in BAND_SETTINGS]
-        require(not unknown, f"band_methods: unknown method {', '.join(unknown)}; choose from {', '.join(BAND_SETTINGS)}")
+        require(not unknown, f"band_methods: unknown method {', '.join(unknown)}; "
+                             f"choose from {', '.join(BAND_SETTINGS)}")
 
 
 FAST = dict(dpo_betas="0.1,1.0", rpo_betas="0.25", ppo_kl_coefs="0.05,0.5", ppo_gt_kl_coefs="0.05",
@@ -134,9 +135,10 @@ PREFERENCE_METHODS = ("dpo", "rpo", "preferred_ft")
 # A band repeats one setting per method: the stage's default, the kit's tuned value (the sweep's best
 # is known only once the sweep has run). Best-of-N keeps every N of bon_ns.
 BAND_SETTINGS = {"dpo": ("dpo_betas", dpo.PLAIN_DPO["beta"]), "rpo": ("rpo_betas", dpo.DPOConfig().beta),
-                 "ppo": ("ppo_kl_coefs", ppo.PPOConfig().kl_coef), "ppo_gt": ("ppo_gt_kl_coefs", ppo.PPOConfig().kl_coef),
-                 "grpo": ("grpo_kl_coefs", grpo.GRPOConfig().kl_coef), "rloo": ("rloo_kl_coefs", grpo.GRPOConfig().kl_coef),
-                 "best_of_n": ("bon_ns", None)}
+                 "ppo": ("ppo_kl_coefs", ppo.PPOConfig().kl_coef),
+                 "ppo_gt": ("ppo_gt_kl_coefs", ppo.PPOConfig().kl_coef),
+                 "grpo": ("grpo_kl_coefs", grpo.GRPOConfig().kl_coef),
+                 "rloo": ("rloo_kl_coefs", grpo.GRPOConfig().kl_coef), "best_of_n": ("bon_ns", None)}
 
 
 def sweep_runs(config, fast):
@@ -169,7 +171,7 @@ def sweep_runs(config, fast):
 
 def band_runs(config, fast):
     """(method, label, seed, stage config) for every run of the seed bands: each band method at its
-    setting in BAND_SETTINGS, for the sweep's seed and `band_seeds` more. None without bands."""
+    setting in BAND_SETTINGS, for the sweep's seed and `band_seeds` more; empty without bands."""
     if not config.band_seeds:
         return []
     methods = names(config.band_methods)
@@ -373,7 +375,8 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
                "overoptimisation": [{k: r[k] for k in ("step", "eval/kl", "eval/gold_reward", "eval/proxy_reward")}
                                     for r in overopt],
                "ceiling": ceiling, "efficiency": efficiency_table(results, ceiling), "bands": bands,
-               "band_seeds": config.band_seeds, "base": str(base), "fast": fast, "seed": config.seed, "n_eval": config.n_eval,
+               "band_seeds": config.band_seeds, "base": str(base), "fast": fast, "seed": config.seed,
+               "n_eval": config.n_eval,
                "workers": config.workers or None, "run_seconds": seconds,
                "total_seconds": time.perf_counter() - started}
     write_report(summary, out / "frontier.md")

@@ -97,7 +97,8 @@ def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
 def test_band_stats_by_hand_and_the_band_is_drawn(tmp_path):
     curves = {"0": [(0.0, 0.5), (1.0, 0.6)], "1": [(0.0, 0.7), (3.0, 0.8)], "2": [(0.0, 0.6)]}
     two = band_stats({k: v for k, v in curves.items() if k != "2"})      # s.d. of (a, b) is |a − b|/√2
-    assert [pytest.approx(row) for row in two] == [(0.0, 0.6, 0.0, 0.2 / 2 ** 0.5), (2.0, 0.7, 2 / 2 ** 0.5, 0.2 / 2 ** 0.5)]
+    assert [pytest.approx(row) for row in two] == [(0.0, 0.6, 0.0, 0.2 / 2 ** 0.5),
+                                                   (2.0, 0.7, 2 / 2 ** 0.5, 0.2 / 2 ** 0.5)]
     assert [pytest.approx(row) for row in band_stats(curves)] == [(0.0, 0.6, 0.0, 0.1)]   # cut to the shortest
     results = {"sft": [{"label": "", "points": [(0.0, 0.5)]}], "ppo": [{"label": "β=0.05", "points": [(1.0, 0.6)]}]}
     bands = {"ppo": {"setting": "β=0.05", "curves": curves, "sems": [0.05]},
