@@ -17,7 +17,12 @@ model:
 * GRPO and RLOO (critic-free RL, `grpo.py`) over the KL coefficient β, beside PPO;
 * the ceiling (`optimum.py`): the best gold reward any policy can reach at each KL,
   π*_β ∝ π_SFT·exp(g/β), estimated from many SFT samples of each evaluation prompt, and
-  every method's efficiency against it.
+  every method's efficiency against it;
+* seed bands (`--set band_seeds=2`, off by default): the headline methods (PPO, GRPO, RPO,
+  Best-of-N) at their stage defaults again with other seeds, so the plot shows how far a
+  point moves when training is repeated, not only when its evaluation is resampled. Best-of-N
+  trains nothing: its band is sampling noise only. The base models (SFT, preferences, reward
+  model) are shared by every seed, so their noise is in no band.
 
 The runs are independent, so they run side by side as processes, one thread each, as many
 at once as there are cores (`parallel.py`; `--set workers=1` runs them one at a time).
@@ -38,8 +43,8 @@ from minirlhf.checkpoints import load_gpt
 from minirlhf.config import ConfigError, build, require, validate
 from minirlhf.data import default_path, read_prompts
 from minirlhf.files import load_torch, read_json, save_torch, write_json
-from minirlhf.frontier_report import (COLOURS, best_within, frontier_envelope, plot_ceiling_convergence,  # noqa: F401
-                                      plot_frontier, plot_overoptimisation, write_report)
+from minirlhf.frontier_report import (COLOURS, best_within, efficiency_table, frontier_envelope,  # noqa: F401
+                                      plot_ceiling_convergence, plot_frontier, plot_overoptimisation, write_report)
 from minirlhf.optim import step_generator
 from minirlhf.parallel import Job, run_jobs
 from minirlhf.pipeline import stage_functions
@@ -65,6 +70,8 @@ class FrontierConfig:
     overopt_iterations: int = 60              # length of the no-KL PPO run (over-optimisation)
     ceiling_samples: int = 1024               # SFT samples per evaluation prompt for the ceiling (0: no ceiling)
     ceiling_min_ess: float = 32.0             # draw the ceiling only where this many samples carry it (ESS)
+    band_seeds: int = 0                       # extra seeds for the headline methods' bands (2: three seeds in all)
+    band_methods: str = "ppo,grpo,rpo,best_of_n"  # which methods get bands, each at its stage default setting
     workers: int = 0                          # runs at once, one process each (0: one per core)
     seed: int = 0                             # seed of every run
 
@@ -90,11 +97,21 @@ class FrontierConfig:
                 "ceiling_samples must be 0 (no ceiling) or at least 16")
         require(self.ceiling_min_ess >= 1, "ceiling_min_ess must be >= 1")
         require(self.workers >= 0, "workers must be >= 0 (0: one per core)")
+        require(self.band_seeds >= 0, f"band_seeds must be >= 0 (0: no seed bands), got {self.band_seeds}")
+        unknown = [m for m in names(self.band_methods) if m not in BAND_SETTINGS]
+        require(not unknown, f"band_methods: unknown method {', '.join(unknown)}; "
+                             f"choose from {', '.join(BAND_SETTINGS)}")
 
 
 FAST = dict(dpo_betas="0.1,1.0", rpo_betas="0.25", ppo_kl_coefs="0.05,0.5", ppo_gt_kl_coefs="0.05",
             grpo_kl_coefs="0.05", rloo_kl_coefs="0.05", bon_ns="1,4", temperatures="0.5,1.0", n_eval=32,
             ppo_eval_every=4, dpo_eval_every=10, overopt_iterations=12, ceiling_samples=256)
+# Notebook 05 under MINIRLHF_FAST=1 (issue #20): one setting per method, 16 prompts per evaluation, a ceiling
+# trusted down to 8 effective samples, one extra seed for two bands: every part of the sweep runs, and its
+# numbers show nothing (plumbing only).
+NOTEBOOK_FAST = {**FAST, "dpo_betas": "0.1", "ppo_kl_coefs": "0.05", "ppo_gt_kl_coefs": "", "rloo_kl_coefs": "",
+                 "temperatures": "1.0", "n_eval": 16, "overopt_iterations": 4, "ceiling_samples": 64,
+                 "ceiling_min_ess": 8.0, "band_seeds": 1, "band_methods": "ppo,best_of_n"}
 
 
 class SweepFailed(RuntimeError):
@@ -105,12 +122,23 @@ def floats(text):
     return [float(v) for v in str(text).split(",") if v.strip()]
 
 
+def names(text):
+    return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
 # ---------------------------------------------------------------------------
 # The runs
 
 TRAINERS = {"dpo": dpo.train_dpo, "rpo": dpo.train_dpo, "preferred_ft": baselines.train_preferred_ft,
             "ppo": ppo.train_ppo, "ppo_gt": ppo.train_ppo, "grpo": grpo.train_grpo, "rloo": grpo.train_grpo}
 PREFERENCE_METHODS = ("dpo", "rpo", "preferred_ft")
+# A band repeats one setting per method: the stage's default, the kit's tuned value (the sweep's best
+# is known only once the sweep has run). Best-of-N keeps every N of bon_ns.
+BAND_SETTINGS = {"dpo": ("dpo_betas", dpo.PLAIN_DPO["beta"]), "rpo": ("rpo_betas", dpo.DPOConfig().beta),
+                 "ppo": ("ppo_kl_coefs", ppo.PPOConfig().kl_coef),
+                 "ppo_gt": ("ppo_gt_kl_coefs", ppo.PPOConfig().kl_coef),
+                 "grpo": ("grpo_kl_coefs", grpo.GRPOConfig().kl_coef),
+                 "rloo": ("rloo_kl_coefs", grpo.GRPOConfig().kl_coef), "best_of_n": ("bon_ns", None)}
 
 
 def sweep_runs(config, fast):
@@ -141,8 +169,24 @@ def sweep_runs(config, fast):
     return points
 
 
-def run_dir_of(out, method, label):
-    return out / "runs" / f"{method}{'_' + label.replace('β=', 'beta').replace('N=', 'n') if label else ''}"
+def band_runs(config, fast):
+    """(method, label, seed, stage config) for every run of the seed bands: each band method at its
+    setting in BAND_SETTINGS, for the sweep's seed and `band_seeds` more; empty without bands."""
+    if not config.band_seeds:
+        return []
+    methods = names(config.band_methods)
+    only = {field: str(value) for m, (field, value) in BAND_SETTINGS.items() if value is not None}
+    runs_ = []
+    for seed in range(config.seed, config.seed + config.band_seeds + 1):
+        one = dataclasses.replace(config, seed=seed, **only)
+        runs_ += [(m, label, seed, cfg) for m, label, cfg in sweep_runs(one, fast) if m in methods]
+    return runs_
+
+
+def run_dir_of(out, method, label, seed=None):
+    """runs/ppo_beta0.05; a band's run at another seed than the sweep's: runs/ppo_beta0.05_seed1."""
+    name = f"{method}{'_' + label.replace('β=', 'beta').replace('N=', 'n') if label else ''}"
+    return out / "runs" / (name if seed is None else f"{name}_seed{seed}")
 
 
 def train_point(method, config, base, out_dir, resume=False, overwrite=False, device="cpu"):
@@ -186,6 +230,22 @@ def ceiling_summary(gold, min_ess):
     return {"n_samples": n, "n_prompts": gold.shape[0], "min_ess": min_ess, "log_n": float(torch.log(torch.tensor(n))),
             "curve": optimum.ceiling_curve(gold, betas, min_ess),
             "convergence": {str(s): optimum.ceiling_curve(gold[:, :s], betas, min_ess) for s in sizes}}
+
+
+def band_curves(band):
+    """{method: {"setting", "curves": {seed: [(KL, gold), …]}, "sems"}} for the seed bands: a trained
+    method's curve is its run's evaluations in order; Best-of-N's is one final point per N (bon_ns's order).
+    "sems": each run's final standard error of the gold reward, the sampling noise of one evaluation."""
+    bands = {}
+    for method, label, seed, _, run_dir in band:
+        summary = read_json(run_dir / "summary.json")
+        entry = bands.setdefault(method, {"setting": label, "curves": {}, "sems": []})
+        if method == "best_of_n" and label not in entry["setting"].split(","):
+            entry["setting"] += "," + label
+        curve = entry["curves"].setdefault(str(seed), [])
+        curve += points_of(run_dir, summary)[-1:] if method == "best_of_n" else points_of(run_dir, summary)
+        entry["sems"].append(summary.get("eval/gold_reward_sem"))
+    return bands
 
 
 def points_of(run_dir, summary):
@@ -259,10 +319,13 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
     overopt_config = build(ppo.PPOConfig(), fast=ppo.FAST if fast else None, seed=config.seed,   # evaluated every
                            overrides=[dict(kl_coef=0.0, iterations=config.overopt_iterations, eval_every=1,  # iteration
                                            n_periodic_eval=config.n_eval, n_eval_samples=config.n_eval)])
+    band = [(m, label, seed, cfg, run_dir_of(out, m, label, None if seed == config.seed else seed))
+            for m, label, seed, cfg in band_runs(config, fast)]
     jobs = []
-    for method, label, cfg in points + [("ppo", "overoptimisation", overopt_config)]:
-        run_dir = overopt_dir if label == "overoptimisation" else run_dir_of(out, method, label)
-        if not (resume and (run_dir / "summary.json").exists()):
+    for method, label, cfg, run_dir in ([(m, label, cfg, run_dir_of(out, m, label)) for m, label, cfg in points]
+                                        + [("ppo", "overoptimisation", overopt_config, overopt_dir)]
+                                        + [(m, label, cfg, run_dir) for m, label, _, cfg, run_dir in band]):
+        if not (resume and (run_dir / "summary.json").exists()) and run_dir.name not in {j.name for j in jobs}:
             jobs.append(Job(run_dir.name, "minirlhf.experiments:train_point", dict(
                 method=method, config=cfg, base=str(base), out_dir=str(run_dir), device=device, overwrite=overwrite,
                 resume=resume and (run_dir / "checkpoint.pt").exists())))
@@ -287,6 +350,8 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
                                                "wall_seconds": seconds.get(run_dir.name)})
         finals.setdefault(method, run_dir)   # the first setting of each method goes into the win-rate plot
 
+    bands = band_curves(band)
+
     # Over-optimisation (Gao et al. 2022): no KL penalty, a long run, proxy and gold against KL.
     overopt = [r for r in map(json.loads, (overopt_dir / "metrics.jsonl").read_text().splitlines())
                if "eval/gold_reward" in r]
@@ -304,12 +369,14 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
     temperatures = floats(config.temperatures)
     rates = win_rates({m: finals[m] for m in ("ppo", "grpo", "rloo", "dpo", "rpo", "preferred_ft", "ppo_gt")
                        if m in finals}, base, temperatures, config.n_eval, config.seed)
-    plot_frontier(results, temperatures, rates, out / "frontier.png", ceiling=ceiling)
+    plot_frontier(results, temperatures, rates, out / "frontier.png", ceiling=ceiling, bands=bands)
     plot_overoptimisation(overopt, out / "overoptimisation.png")
     summary = {"results": results, "win_rates": {"temperatures": temperatures, **rates},
                "overoptimisation": [{k: r[k] for k in ("step", "eval/kl", "eval/gold_reward", "eval/proxy_reward")}
                                     for r in overopt],
-               "ceiling": ceiling, "base": str(base), "fast": fast, "seed": config.seed, "n_eval": config.n_eval,
+               "ceiling": ceiling, "efficiency": efficiency_table(results, ceiling), "bands": bands,
+               "band_seeds": config.band_seeds, "base": str(base), "fast": fast, "seed": config.seed,
+               "n_eval": config.n_eval,
                "workers": config.workers or None, "run_seconds": seconds,
                "total_seconds": time.perf_counter() - started}
     write_report(summary, out / "frontier.md")

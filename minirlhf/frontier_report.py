@@ -4,6 +4,7 @@ Everything here reads measured points; the sentences are generated from them, so
 report says whichever frontier came out higher, by how much, and at which KL.
 """
 import math
+import statistics
 
 from minirlhf.files import atomic_write_text
 from minirlhf.optimum import best_of_n_kl_bound, ceiling_at, fit_gao
@@ -38,9 +39,41 @@ def _all_points(runs):
     return [p for run in runs for p in run["points"]]
 
 
-def plot_frontier(results, temperatures, rates, path, ceiling=None):
-    """Left: gold reward vs KL, every evaluation as a dot, each method's frontier as a line, and
-    the ceiling (where its estimate is trusted). Right: win rate against SFT samples vs temperature."""
+def efficiency_table(results, ceiling):
+    """Each method's best gold reward within every KL budget, the ceiling's gold there, and their ratio
+    (None where the method has no point or the ceiling is not trusted): what notebook 05 reads."""
+    best = {m: [best_within(_all_points(runs), b) for b in KL_BUDGETS] for m, runs in results.items()}
+    roofs = [ceiling_at(ceiling["curve"], b) if ceiling else None for b in KL_BUDGETS]
+    ratio = {m: [None if v is None or r is None else v / r for v, r in zip(values, roofs)]
+             for m, values in best.items()}
+    return {"budgets": KL_BUDGETS, "ceiling": roofs, "best": best, "efficiency": ratio}
+
+
+# ---------------------------------------------------------------------------
+# Seed bands: the same setting trained with several seeds
+
+
+def band_stats(curves):
+    """Mean and standard deviation over seeds, point by point: curves {seed: [(KL, gold), …]} of equal
+    settings (cut to the shortest). Returns rows (kl, gold, sd_kl, sd_gold); sd is 0 with one seed."""
+    length = min(len(c) for c in curves.values())
+    rows = []
+    for i in range(length):
+        kls, golds = [c[i][0] for c in curves.values()], [c[i][1] for c in curves.values()]
+        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+        rows.append((statistics.mean(kls), statistics.mean(golds), sd(kls), sd(golds)))
+    return rows
+
+
+def noise_of(method):
+    """What a band's spread holds: Best-of-N trains nothing, so its seeds only resample."""
+    return "sampling only" if method == "best_of_n" else "training + sampling"
+
+
+def plot_frontier(results, temperatures, rates, path, ceiling=None, bands=None):
+    """Left: gold reward vs KL, every evaluation as a dot, each method's frontier as a line, the
+    ceiling (where its estimate is trusted) and the seed bands (mean ± 1 s.d. over seeds, shaded, with
+    error bars in KL and gold at the last point). Right: win rate against SFT samples vs temperature."""
     fig, (left, right) = figure(1, 2, figsize=(11, 4.2))
     if ceiling:
         trusted = [r for r in ceiling["curve"] if r["trusted"]]
@@ -52,6 +85,14 @@ def plot_frontier(results, temperatures, rates, path, ceiling=None):
         envelope = frontier_envelope(points)
         left.plot([p[0] for p in envelope], [p[1] for p in envelope], "-o", ms=3, color=COLOURS[method],
                   label=NAMES[method])
+    for method, band in (bands or {}).items():
+        rows = sorted(band_stats(band["curves"]))
+        kl, gold, sd_kl, sd_gold = zip(*rows)
+        left.fill_between(kl, [g - s for g, s in zip(gold, sd_gold)], [g + s for g, s in zip(gold, sd_gold)],
+                          color=COLOURS[method], alpha=0.18, lw=0)
+        left.errorbar(kl[-1], gold[-1], xerr=sd_kl[-1], yerr=sd_gold[-1], fmt="s", ms=4, capsize=3,
+                      color=COLOURS[method], label=f"{NAMES[method].split(' (')[0]} {band['setting']}: mean ± 1 s.d., "
+                      f"{len(band['curves'])} seeds ({noise_of(method)})")
     left.set_xscale("symlog", linthresh=1.0)
     left.set_xlabel("KL(π ‖ π_SFT), nats (symlog)")
     left.set_ylabel("gold reward")
@@ -69,6 +110,7 @@ def plot_frontier(results, temperatures, rates, path, ceiling=None):
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def plot_ceiling_convergence(ceiling, path):
@@ -139,12 +181,14 @@ def write_report(summary, path):
             lines.append(f"| {NAMES[m]} (first setting) | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     lines += ["", "## Over-optimisation", "", "![over-optimisation](overoptimisation.png)", "",
               *overoptimisation_sentences(summary["overoptimisation"]), "", *gao_fits(summary)]
+    lines += ["", *band_section(summary)]
     if summary.get("ceiling"):
-        lines += ["", *ceiling_section(summary["ceiling"], best, methods, results)]
+        lines += ["", *ceiling_section(summary["ceiling"], efficiency_table(results, summary["ceiling"]), methods,
+                                       results)]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def ceiling_section(ceiling, best, methods, results):
+def ceiling_section(ceiling, table, methods, results):
     """The ceiling's curve, its convergence, and each method's efficiency against it."""
     trusted = [r for r in ceiling["curve"] if r["trusted"]]
     top = trusted[-1]
@@ -165,11 +209,8 @@ def ceiling_section(ceiling, best, methods, results):
               "ceiling's at that KL (– where the ceiling is not trusted or the method has no point).", "",
               "| method | " + " | ".join(f"KL ≤ {b:g}" for b in KL_BUDGETS) + " |", "| --- |" + " ---: |" * len(KL_BUDGETS)]
     for m in methods:
-        cells = []
-        for budget, value in zip(KL_BUDGETS, best[m]):
-            roof = ceiling_at(ceiling["curve"], budget)
-            cells.append("–" if value is None or roof is None else f"{value / roof:.2f}")
-        lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {NAMES[m]} | " + " | ".join("–" if e is None else f"{e:.2f}" for e in table["efficiency"][m])
+                     + " |")
     lines.append("")
     for run in results.get("best_of_n", []):
         n = int(run["label"].split("=")[1])
@@ -179,6 +220,35 @@ def ceiling_section(ceiling, best, methods, results):
                      f"Beirami et al. 2024, used as its KL), gold {gold:.3f}, ceiling at that KL "
                      + ("not trusted" if roof is None else f"{roof:.3f}: efficiency {gold / roof:.2f}") + ".")
     return lines
+
+
+def band_section(summary):
+    """Which noise the report's numbers include: the seed bands' spread against one evaluation's."""
+    bands = summary.get("bands") or {}
+    out = ["## Noise: seed bands", ""]
+    if not bands:
+        return out + [f"No seed bands in this sweep (band_seeds = 0): every run used seed {summary['seed']}, so the "
+                      "only noise this report accounts for is **sampling** noise in each evaluation (the "
+                      "two-standard-error rule above); how far a point moves when training is repeated is not "
+                      "measured. `--set band_seeds=2` trains the headline methods on two more seeds."]
+    out += [f"The headline methods at their default settings, trained with {summary.get('band_seeds', 0)} more "
+            "seed(s) than the sweep's; the plot shades mean ± 1 standard deviation over seeds. The base models "
+            "(SFT, preferences, reward model) are the same for every seed, so their noise is in no band.", "",
+            "| method | setting | seeds | final KL, mean ± s.d. | final gold, mean ± s.d. | one evaluation's "
+            "s.e. (median) | noise in the band |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for method, band in bands.items():
+        kl, gold, sd_kl, sd_gold = band_stats(band["curves"])[-1]
+        sems = [s for s in band["sems"] if s is not None]
+        out.append(f"| {NAMES[method]} | {band['setting']} | {len(band['curves'])} | {kl:.2f} ± {sd_kl:.2f} | "
+                   f"{gold:.3f} ± {sd_gold:.3f} | {_fmt(statistics.median(sems) if sems else None)} "
+                   f"| {noise_of(method)} |")
+    training = [NAMES[m] for m in bands if noise_of(m) != "sampling only"]
+    sampling = [NAMES[m] for m in bands if noise_of(m) == "sampling only"]
+    out += ["", f"Bands that include training noise: {', '.join(training) or 'none'}. Sampling-only bands: "
+            f"{', '.join(sampling) or 'none'}" + (" (Best-of-N trains nothing: its seeds draw other samples)"
+                                                  if sampling else "") +
+            ". Every method without a band in this report is one seed: sampling noise only."]
+    return out
 
 
 def gao_fits(summary):

@@ -3,7 +3,9 @@
 Checks that `run` writes every stage's folder (GRPO and RLOO included), a combined summary
 with the same keys for every method, gold_vs_kl.png and a report whose table and sentences
 come from the measured numbers; and that `frontier --from` reuses that run's models and writes its
-figures and a report that compares DPO and PPO with a noise threshold.
+figures and a report that compares DPO and PPO with a noise threshold; that its seed bands
+(`band_seeds`) train the headline methods again on other seeds, are drawn, and that the report
+says which bands hold training noise and which only sampling noise.
 """
 import json
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from minirlhf.config import apply_overrides
 from minirlhf.files import load_torch
 from minirlhf.experiments import FAST, FrontierConfig, run_frontier
-from minirlhf.frontier_report import best_within, frontier_envelope
+from minirlhf.frontier_report import band_section, band_stats, best_within, frontier_envelope, plot_frontier
 from minirlhf.pipeline import METHODS, run_pipeline
 
 
@@ -46,7 +48,8 @@ def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
     config = apply_overrides(FrontierConfig(), {**FAST, "dpo_betas": "0.1", "ppo_kl_coefs": "0.05",
                                                        "bon_ns": "1,2", "temperatures": "1.0",
                                                        "overopt_iterations": 4, "ppo_gt_kl_coefs": "0.05",
-                                                       "ceiling_samples": 32})
+                                                       "ceiling_samples": 32, "band_seeds": 1,
+                                                       "band_methods": "ppo,best_of_n"})
     summary = run_frontier(config, tmp_path / "frontier", base_dir=base, fast=True, progress=False)
     assert not (tmp_path / "frontier" / "base").exists()                  # the run's models were reused
     assert {"dpo", "rpo", "ppo", "ppo_gt", "grpo", "rloo", "preferred_ft", "best_of_n",
@@ -73,11 +76,43 @@ def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
         assert (tmp_path / "frontier" / name).exists(), f"{name}"
     report = (tmp_path / "frontier" / "frontier.md").read_text()
     assert "within noise" in report and "Over-optimisation" in report
+    # seed bands: PPO at its default β on seeds 0 (the sweep's own run, not trained twice) and 1; Best-of-N
+    # at every N on both seeds; the report names which bands hold training noise and which only sampling
+    bands = summary["bands"]
+    assert set(bands) == {"ppo", "best_of_n"} and set(bands["ppo"]["curves"]) == {"0", "1"}
+    assert [list(p) for p in bands["ppo"]["curves"]["0"]] == [list(p) for p in summary["results"]["ppo"][0]["points"]]
+    seed_1 = tmp_path / "frontier" / "runs" / "ppo_beta0.05_seed1"
+    assert json.loads((seed_1 / "config.json").read_text())["seed"] == 1
+    assert not (tmp_path / "frontier" / "runs" / "ppo_beta0.05_seed0").exists()
+    assert [len(c) for c in bands["best_of_n"]["curves"].values()] == [2, 2]       # N = 1, 2 on each seed
+    assert "Bands that include training noise: PPO (reward model). Sampling-only bands: Best-of-N" in report
+    assert summary["efficiency"]["budgets"] and set(summary["efficiency"]["efficiency"]) == set(summary["results"])
     assert "The ceiling" in report and "efficiency" in report and "Gao et al." in report
     # --resume on a finished sweep trains nothing again and reports the same points
     again = run_frontier(config, tmp_path / "frontier", base_dir=base, fast=True, progress=False, resume=True)
     points = lambda results: {m: [list(map(list, run["points"])) for run in runs] for m, runs in results.items()}
     assert again["run_seconds"] == {} and points(again["results"]) == points(summary["results"])
+
+
+def test_band_stats_by_hand_and_the_band_is_drawn(tmp_path):
+    curves = {"0": [(0.0, 0.5), (1.0, 0.6)], "1": [(0.0, 0.7), (3.0, 0.8)], "2": [(0.0, 0.6)]}
+    two = band_stats({k: v for k, v in curves.items() if k != "2"})      # s.d. of (a, b) is |a − b|/√2
+    assert [pytest.approx(row) for row in two] == [(0.0, 0.6, 0.0, 0.2 / 2 ** 0.5),
+                                                   (2.0, 0.7, 2 / 2 ** 0.5, 0.2 / 2 ** 0.5)]
+    assert [pytest.approx(row) for row in band_stats(curves)] == [(0.0, 0.6, 0.0, 0.1)]   # cut to the shortest
+    results = {"sft": [{"label": "", "points": [(0.0, 0.5)]}], "ppo": [{"label": "β=0.05", "points": [(1.0, 0.6)]}]}
+    bands = {"ppo": {"setting": "β=0.05", "curves": curves, "sems": [0.05]},
+             "best_of_n": {"setting": "N=1,N=4", "curves": {"0": [(0.0, 0.5), (0.64, 0.6)],
+                                                             "1": [(0.0, 0.52), (0.64, 0.7)]}, "sems": [0.04]}}
+    left = plot_frontier(results, [1.0], {"ppo": [0.6]}, tmp_path / "f.png", bands=bands).axes[0]
+    labels = left.get_legend_handles_labels()[1]
+    assert any("training + sampling" in l and "3 seeds" in l for l in labels)
+    assert any(l.startswith("Best-of-N") and "sampling only" in l for l in labels)
+    assert len(left.collections) >= 2 + 2                                  # a shaded band per method, besides dots
+    text = "\n".join(band_section({"bands": bands, "band_seeds": 2, "seed": 0}))
+    assert "| 0.00 ± 0.00 | 0.600 ± 0.100 | 0.050 | training + sampling |" in text   # the last common point
+    assert "Sampling-only bands: Best-of-N" in text
+    assert "sampling** noise" in "\n".join(band_section({"bands": {}, "seed": 0}))
 
 
 def test_frontier_envelope_and_budget_by_hand():

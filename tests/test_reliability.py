@@ -217,6 +217,7 @@ def test_an_unknown_setting_lists_the_valid_keys(stage, tmp_path, capsys):
     ("bon", "n_eval_samples=0", "n_eval_samples"),
     ("frontier", "dpo_betas=0,1", "dpo_betas"), ("frontier", "bon_ns=0", "bon_ns"),
     ("frontier", "temperatures=-1", "temperatures"), ("frontier", "ppo_eval_every=0", "ppo_eval_every"),
+    ("frontier", "band_seeds=-1", "band_seeds must be >= 0"), ("frontier", "band_methods=ppo,sft", "unknown method sft"),
 ])
 def test_an_impossible_setting_is_refused_with_a_reason(stage, setting, reason, tmp_path, capsys):
     code, _, err = cli(capsys, stage, *STAGES[stage], "--out", tmp_path / "out", "--set", setting)
