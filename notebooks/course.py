@@ -9,6 +9,7 @@ trained once and its run folder reused by the notebooks after it:
     runs/notebooks/full/prefs    02 collects it; 03 and 04 reuse it
     runs/notebooks/full/rm       02 trains it; 03 and 06 reuse it
     runs/notebooks/full/ppo      03 trains it; 06 reuses it
+    runs/notebooks/full/rlvr_*   07's arithmetic models (SFT, GRPO, GRPO on the lenient verifier): its own
 
 Every notebook still runs on its own: a missing stage is trained on the spot. A run is
 reused only if its config.json records the same settings and its inputs (the upstream run
@@ -37,6 +38,7 @@ from minirlhf import collect as collect_stage, reward as reward_stage  # noqa: E
 from minirlhf.collect import CollectConfig, collect  # noqa: E402
 from minirlhf.config import build  # noqa: E402
 from minirlhf.course.exercises import unfinished_message  # noqa: E402
+from minirlhf.grpo import train_grpo  # noqa: E402
 from minirlhf.reward import RewardConfig, preferences_file, train_reward_model  # noqa: E402
 from minirlhf.sft import SFTConfig, train_sft  # noqa: E402
 
@@ -172,6 +174,11 @@ def reward_model(retrain=False):
     config = reward_config()
     prefs_file = preferences_file(prefs_dir, config.loss)
     return run_once(train_reward_model, config, "rm", sft_dir, prefs_file, retrain=retrain)
+
+
+def train_grpo_verifier(config, sft_dir, out_dir, **kwargs):
+    """GRPO with reward="gold" and no reward model (notebook 07): `train_grpo` in run_once's shape."""
+    return train_grpo(config, sft_dir, None, out_dir, **kwargs)
 
 
 @contextlib.contextmanager
