@@ -32,7 +32,7 @@ from minirlhf.course.student_copy import make_student
 from minirlhf.export import export
 from minirlhf.grpo import FAST as GRPO_FAST, GRPOConfig, train_grpo
 from minirlhf.experiments import FAST as FRONTIER_FAST, FrontierConfig, run_frontier
-from minirlhf.pipeline import run_pipeline
+from minirlhf.pipeline import StageFailed, run_pipeline
 from minirlhf.ppo import FAST as PPO_FAST, PPOConfig, train_ppo
 from minirlhf.reward import FAST as RM_FAST, RewardConfig, train_reward_model
 from minirlhf.runs import Interrupted, NonFiniteLossError
@@ -225,8 +225,13 @@ def bon_flags(p):
 
 def cmd_run(args):
     out = out_dir(args)
-    combined = run_pipeline(out, fast=args.fast, seed=args.seed or 0, device=pick_device(args.device),
-                            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        combined = run_pipeline(out, fast=args.fast, seed=args.seed or 0, device=pick_device(args.device),
+                                resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                                workers=args.workers)
+    except StageFailed as e:       # the stages that could finish did; name the others in one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.code)
     print((out / "report.md").read_text().split("## Samples")[0])
     print(f"wrote {out} ({combined['total_seconds']:.0f} s)")
 
@@ -239,6 +244,8 @@ def run_flags(p):
     p.add_argument("--resume", action="store_true", help="keep the stages an interrupted run finished")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int, default=None,
+                   help="stages at once after collect (default: one per core); 1 runs them one after another")
 
 
 def cmd_frontier(args):
