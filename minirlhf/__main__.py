@@ -230,6 +230,8 @@ def cmd_run(args):
                                 resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                                 workers=args.workers)
     except StageFailed as e:       # the stages that could finish did; name the others in one line
+        if args.debug:
+            print(e.details, file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
     print((out / "report.md").read_text().split("## Samples")[0])

@@ -97,7 +97,7 @@ def run_jobs(jobs, workers=None, progress=True):
                     continue
                 _drain(messages, outcomes, bars, block=False)
                 outcome = outcomes[name]
-                outcome.ended = time.perf_counter()
+                outcome.ended = outcome.ended or time.perf_counter()       # set when it reported
                 outcome.seconds = outcome.ended - outcome.started
                 if outcome.status == "running":               # died without a word: killed, out of memory
                     outcome.status, outcome.error = "failed", f"the process ended with exit code {process.exitcode}"
@@ -114,7 +114,7 @@ def run_jobs(jobs, workers=None, progress=True):
             process.join()
             _drain(messages, outcomes, bars, block=False)
             outcome = outcomes[name]
-            outcome.ended = time.perf_counter()
+            outcome.ended = outcome.ended or time.perf_counter()
             outcome.seconds = outcome.ended - outcome.started
             if outcome.status == "running":
                 outcome.status = "interrupted"
@@ -242,8 +242,8 @@ def _drain(messages, outcomes, bars, block):
             bars[name].n = step
             bars[name].refresh()
         elif kind in ("done", "failed", "interrupted"):
-            outcome = outcomes[name]
-            outcome.status = kind
+            outcome = outcomes[name]        # its end: a job that needs it may start from now on
+            outcome.status, outcome.ended = kind, time.perf_counter()
             if kind == "done":
                 outcome.result = payload[0]
             else:

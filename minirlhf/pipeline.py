@@ -6,11 +6,25 @@
 Every method starts from the same SFT model and the same preference pairs, and reports
 through the same evaluation (gold reward and KL to the SFT model on the same test
 prompts), so the report's table compares like with like. The run folder holds one
-subfolder per stage, a combined `summary.json`, `gold_vs_kl.png` and `report.md`.
+subfolder per stage, a combined `summary.json`, `gold_vs_kl.png`, `schedule.png`, `timings.json`
+and `report.md`.
 
-GRPO and RLOO (grpo.py, at its defaults and with `advantage=rloo`) run last, after the
-stages that were there before them: each stage seeds itself, so adding them changed none
-of the other stages' numbers.
+The schedule (issue #24). SFT and collect run alone, in this process, on all threads. The
+stages after them need only the preferences (DPO, Preferred-FT) or the reward model (PPO,
+GRPO, RLOO, Best-of-N), so they run side by side, one process and one thread each, as many at
+once as there are cores (`--workers`), each once the stages it needs have finished
+(parallel.run_jobs). `--workers 1` runs them one after another in this process, also on one
+thread: the same numbers, bit for bit (tests/test_pipeline.py checks it).
+
+Why always one thread: torch's CPU results depend on the number of threads (the order of a
+sum's round-off changes), and sampling turns one flipped token into a different run. Measured
+on `run --fast --seed 0`, one thread against two: SFT and collect identical, DPO, GRPO, RLOO and
+Preferred-FT within ~1e-6 relative, the reward model's bias 1.4 % apart and PPO's gold reward
+0.207 against 0.260. So a stage's numbers are reproducible only at a fixed thread count, and
+the stages after collect never change theirs with how many run at once (the numbers would then
+depend on timing). This changed the numbers of the reward model, PPO and the stages after it
+once, when they moved from all threads to one; each stage still seeds itself, so the schedule
+changes none of them.
 """
 import json
 import time
@@ -103,9 +117,9 @@ class StageFailed(Exception):
     """One or more stages failed; the others finished. `code` is the exit code (2: the user's
     input, 1: a crash)."""
 
-    def __init__(self, message, code):
+    def __init__(self, message, code, details=""):
         super().__init__(message)
-        self.code = code
+        self.code, self.details = code, details          # details: the stages' tracebacks, for --debug
 
 
 class RunInterrupted(Interrupted):
@@ -142,9 +156,10 @@ def run_pipeline(out_dir, fast=False, seed=0, device="cpu", resume=False, overwr
     combined = {"data": ensure_data(), "fast": fast, "seed": seed, "workers": workers, "stages": {}}
     # timings.json: each stage's own seconds, and its start and end in seconds since the run began;
     # rewritten after every stage, with the stages seen so far. --resume keeps a finished stage's.
-    timings = read_timings(out / "timings.json") if resume else {}
     done = {name for name in [*ALONE, *(n for n, _ in SIDE_BY_SIDE)]
             if resume and (out / name / "summary.json").exists()}
+    timings = {n: t for n, t in read_timings(out / "timings.json").items() if n in done} if resume else {}
+    write_json(out / "timings.json", timings)           # only finished stages, from here on
     combined["kept"] = sorted(done)
     kw = dict(out=out, fast=fast, seed=seed, device=device, resume=resume, overwrite=overwrite)
 
@@ -198,10 +213,10 @@ def run_pipeline(out_dir, fast=False, seed=0, device="cpu", resume=False, overwr
 def read_timings(path):
     """timings.json as {stage: {"seconds", "start", "end"}}; a file from before the schedule was
     recorded held {stage: seconds}."""
-    if not path.exists():
-        return {}
-    return {name: value if isinstance(value, dict) else {"seconds": value}
-            for name, value in read_json(path).items()}
+    recorded = read_json(path) if path.exists() else {}
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{path}: expected a JSON object of stage timings; remove it to resume")
+    return {name: value if isinstance(value, dict) else {"seconds": value} for name, value in recorded.items()}
 
 
 def check_outcomes(outcomes):
@@ -216,7 +231,7 @@ def check_outcomes(outcomes):
         text += "; not started: " + ", ".join(f"{o.name} ({o.error})" for o in waiting)
     code = 2 if all(o.error_type in USER_ERRORS for o in failed) else 1
     raise StageFailed(f"{text}. The other stages finished; fix the cause, then run the same command with "
-                      "--resume to train only what is missing.", code)
+                      "--resume to train only what is missing.", code, "\n".join(o.details for o in failed))
 
 
 # ---------------------------------------------------------------------------
