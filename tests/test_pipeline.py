@@ -27,7 +27,8 @@ from minirlhf.files import load_torch
 from minirlhf.experiments import FAST, FrontierConfig, run_frontier
 from minirlhf.frontier_report import best_within, frontier_envelope
 from minirlhf.__main__ import main
-from minirlhf.pipeline import METHODS, SIDE_BY_SIDE, run_pipeline
+from minirlhf.parallel import Outcome
+from minirlhf.pipeline import METHODS, SIDE_BY_SIDE, StageFailed, check_outcomes, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,17 @@ def test_a_failing_stage_is_named_and_the_others_finish(fast_run, tmp_path, caps
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) == {"sft", "prefs", "dpo", "preferred_ft"}          # the finished stages only
     assert not (out / "summary.json").exists() and not (out / "ppo").exists()
+
+
+def test_a_crash_in_a_stage_exits_1_and_the_users_error_exits_2():
+    crash = Outcome("ppo", "failed", error="RuntimeError: boom", error_type="RuntimeError", details="Traceback")
+    bad_input = Outcome("rm", "failed", error="DataError: x.jsonl:3: not valid JSON", error_type="DataError")
+    done = Outcome("dpo", "done")
+    for outcomes, code in (([crash, done], 1), ([bad_input, done], 2), ([bad_input, crash], 1)):
+        with pytest.raises(StageFailed) as failed:
+            check_outcomes({o.name: o for o in outcomes})
+        assert failed.value.code == code and "stage " in str(failed.value) and "dpo" not in str(failed.value)
+    check_outcomes({"dpo": done})                                   # nothing failed: nothing raised
 
 
 def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
