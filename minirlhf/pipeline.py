@@ -192,7 +192,7 @@ def run_pipeline(out_dir, fast=False, seed=0, device="cpu", resume=False, overwr
         if o.status == "done":
             summary = o.result if o.result is not None else read_json(out / o.name / "summary.json")
             record(o.name, summary, o.started - began, o.ended - began)
-    if stopped:
+    if stopped or any(o.status == "interrupted" for o in outcomes.values()):
         raise RunInterrupted([o.name for o in outcomes.values() if o.status == "interrupted"], out)
     check_outcomes(outcomes)
     for name in done:                                     # kept from before --resume, in pipeline order below
@@ -222,10 +222,10 @@ def read_timings(path):
 def check_outcomes(outcomes):
     """Raise StageFailed naming each stage that failed (with its error) and those it kept from
     starting; the stages that do not depend on them have finished by now."""
-    failed = [o for o in outcomes.values() if o.status == "failed"]
-    if not failed:
-        return
+    failed = [o for o in outcomes.values() if o.status not in ("done", "not started")]
     waiting = [o for o in outcomes.values() if o.status == "not started"]
+    if not failed and not waiting:
+        return
     text = "; ".join(f"stage {o.name} failed: {o.error}" for o in failed)
     if waiting:
         text += "; not started: " + ", ".join(f"{o.name} ({o.error})" for o in waiting)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from minirlhf.parallel import Job, run_jobs, run_jobs_here
+from minirlhf.parallel import Job, Stopped, run_jobs, run_jobs_here
 
 
 def test_results_come_back_in_order_and_a_failure_is_named_without_stopping_the_others():
@@ -71,3 +71,13 @@ def test_here_the_same_schedule_runs_on_one_thread_and_gives_the_threads_back(mo
     assert out["threads"].result == 1 and out["threads"].ended >= out["threads"].started
     assert out["bad"].status == "failed" and out["bad"].error.startswith("ValueError: form must be")
     assert (out["needs_bad"].status, out["needs_bad"].error) == ("not started", "needs bad, which failed")
+
+
+def test_a_job_stopped_by_a_signal_stops_the_run_and_starts_nothing_more():
+    # a signal that reached a child but not this process (kill of one child, a parent that
+    # ignores SIGINT): the run stops as on Ctrl-C, rather than going on without that job
+    with pytest.raises(Stopped) as stopped:
+        run_jobs([Job("stop", "_thread:interrupt_main", {}),
+                  Job("later", "minirlhf.optimum:best_of_n_kl_bound", {"n": 2})], workers=1, progress=False)
+    out = stopped.value.outcomes
+    assert out["stop"].status == "interrupted" and out["later"].status == "not started"
