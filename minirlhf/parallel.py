@@ -81,6 +81,8 @@ def run_jobs(jobs, workers=None, progress=True):
     previous = _sigterm_as_interrupt()
     try:
         while pending or running:
+            if any(o.status == "interrupted" for o in outcomes.values()):   # a signal reached a job but
+                raise KeyboardInterrupt                   # not this process (a kill of one child): stop all
             # a job that has reported its result frees its place while its process exits
             busy = sum(outcomes[name].status == "running" for name in running)
             for job in ready(pending, outcomes, workers - busy):
@@ -108,8 +110,6 @@ def run_jobs(jobs, workers=None, progress=True):
                     bars[name].set_postfix_str(outcome.status if outcome.status != "done" else
                                                f"done in {outcome.seconds:.0f} s")
                     bars[name].close()
-                if outcome.status == "interrupted":       # a signal reached a job but not this process
-                    raise KeyboardInterrupt               # (e.g. a kill of one child): stop them all
     except KeyboardInterrupt:
         for process in running.values():   # SIGTERM, not SIGINT: a terminal's Ctrl-C may have reached them
             if process.is_alive():         # already, and a second SIGINT means "stop without saving"
