@@ -33,7 +33,7 @@ from minirlhf.course.student_copy import make_student
 from minirlhf.export import export
 from minirlhf.grpo import FAST as GRPO_FAST, GRPOConfig, train_grpo
 from minirlhf.experiments import FAST as FRONTIER_FAST, FrontierConfig, run_frontier
-from minirlhf.pipeline import run_pipeline
+from minirlhf.pipeline import StageFailed, run_pipeline
 from minirlhf.ppo import FAST as PPO_FAST, PPOConfig, train_ppo
 from minirlhf.reward import FAST as RM_FAST, RewardConfig, train_reward_model
 from minirlhf.runs import Interrupted, NonFiniteLossError, check_same_task, folder_task
@@ -263,8 +263,15 @@ def cmd_run(args):
     out = out_dir(args)
     if args.task != "reviews":         # a verifier task: its own pipeline (verifiable.py)
         return cmd_run_verifiable(args, out)
-    combined = run_pipeline(out, fast=args.fast, seed=args.seed or 0, device=pick_device(args.device),
-                            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        combined = run_pipeline(out, fast=args.fast, seed=args.seed or 0, device=pick_device(args.device),
+                                resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                                workers=args.workers)
+    except StageFailed as e:       # the stages that could finish did; name the others in one line
+        if args.debug:
+            print(e.details, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.code)
     print((out / "report.md").read_text().split("## Samples")[0])
     print(f"wrote {out} ({combined['total_seconds']:.0f} s)")
 
@@ -290,6 +297,8 @@ def run_flags(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--task", default="reviews", help=f"the toy task: {', '.join(TASKS)} (a verifier task runs "
                                                      "sft, grpo, ppo, dpo and best-of-n, then pass@k)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="stages at once after collect (default: one per core); 1 runs them one after another")
 
 
 def cmd_frontier(args):

@@ -8,6 +8,11 @@ little, while two processes on two cores do twice the work (benchmarks/bench_thr
 measures both on your machine). Each job is seeded on its own, so running jobs side by
 side gives the same numbers as running them one after another.
 
+Jobs may depend on others (`after`): a job starts once every job it needs is done, at most
+`workers` at a time, taking the first ready job in the list's order (so list the longest
+chain first: it sets the total time). A job whose dependency failed or was stopped is not
+started, and says so.
+
 What a user relies on:
 - progress: one bar per running job, fed by the harness's step counter (`runs.on_step`);
 - a failing job is named with its error, and the others run to their end (nothing hangs,
@@ -24,6 +29,7 @@ import signal
 import time
 import traceback
 
+import torch
 from tqdm.auto import tqdm
 
 from minirlhf import runs
@@ -31,18 +37,23 @@ from minirlhf import runs
 
 @dataclasses.dataclass
 class Job:
-    """One run: `target` is "module:function", called with `kwargs` in a fresh process."""
+    """One run: `target` is "module:function", called with `kwargs` in a fresh process, once the
+    jobs named in `after` are done (they must come earlier in the list: no cycles)."""
     name: str
     target: str
     kwargs: dict
+    after: tuple = ()
 
 
 @dataclasses.dataclass
 class Outcome:
     name: str
-    status: str = "running"     # "done", "failed", "interrupted"
+    status: str = "waiting"     # "running", then "done", "failed", "interrupted" or "not started"
     seconds: float = 0.0
+    started: float = None       # time.perf_counter() when it started and ended (None: never ran)
+    ended: float = None
     error: str = ""             # one line
+    error_type: str = ""        # the exception's class name ("ConfigError"), for the exit code
     details: str = ""           # the child's traceback, for --debug
     result: object = None
 
@@ -53,36 +64,45 @@ def default_workers():
 
 
 def run_jobs(jobs, workers=None, progress=True):
-    """Run `jobs`, `workers` at a time; returns {name: Outcome} in the order of `jobs`.
+    """Run `jobs`, `workers` at a time, each after the jobs it needs; returns {name: Outcome} in
+    the order of `jobs`. Ctrl-C or SIGTERM stops the running jobs at a step boundary and raises
+    `Stopped` (a KeyboardInterrupt) that carries the outcomes so far.
 
     With one worker the jobs still run in child processes, so the behaviour (and the
     numbers) do not depend on how many run at once.
     """
+    check_order(jobs)
     workers = workers or default_workers()
     context = multiprocessing.get_context("spawn")     # never fork a process that has torch threads
     messages = context.Queue()
     pending, running = list(jobs), {}
     outcomes = {job.name: Outcome(job.name) for job in jobs}
-    bars, started = {}, {}
-    stopping = False
+    bars = {}
     previous = _sigterm_as_interrupt()
     try:
         while pending or running:
-            while pending and len(running) < workers and not stopping:
-                job = pending.pop(0)
+            if any(o.status == "interrupted" for o in outcomes.values()):   # a signal reached a job but
+                raise KeyboardInterrupt                   # not this process (a kill of one child): stop all
+            # a job that has reported its result frees its place while its process exits
+            busy = sum(outcomes[name].status == "running" for name in running)
+            for job in ready(pending, outcomes, workers - busy):
                 process = context.Process(target=_child, args=(job, messages), name=f"minirlhf-{job.name}")
                 with _one_thread_children():
                     process.start()
-                running[job.name], started[job.name] = process, time.perf_counter()
+                running[job.name] = process
+                outcomes[job.name].status, outcomes[job.name].started = "running", time.perf_counter()
                 if progress:
                     bars[job.name] = tqdm(desc=job.name, total=None, position=len(bars), leave=True, unit="step")
+            if not running:
+                continue                                   # `ready` just marked the rest "not started"
             _drain(messages, outcomes, bars, block=True)
             for name, process in list(running.items()):
                 if process.exitcode is None:
                     continue
                 _drain(messages, outcomes, bars, block=False)
                 outcome = outcomes[name]
-                outcome.seconds = time.perf_counter() - started[name]
+                outcome.ended = outcome.ended or time.perf_counter()       # set when it reported
+                outcome.seconds = outcome.ended - outcome.started
                 if outcome.status == "running":               # died without a word: killed, out of memory
                     outcome.status, outcome.error = "failed", f"the process ended with exit code {process.exitcode}"
                 del running[name]
@@ -91,24 +111,100 @@ def run_jobs(jobs, workers=None, progress=True):
                                                f"done in {outcome.seconds:.0f} s")
                     bars[name].close()
     except KeyboardInterrupt:
-        stopping = True
         for process in running.values():   # SIGTERM, not SIGINT: a terminal's Ctrl-C may have reached them
             if process.is_alive():         # already, and a second SIGINT means "stop without saving"
                 os.kill(process.pid, signal.SIGTERM)
         for name, process in running.items():
             process.join()
             _drain(messages, outcomes, bars, block=False)
-            if outcomes[name].status == "running":
-                outcomes[name].status = "interrupted"
+            outcome = outcomes[name]
+            outcome.ended = outcome.ended or time.perf_counter()
+            outcome.seconds = outcome.ended - outcome.started
+            if outcome.status == "running":
+                outcome.status = "interrupted"
         for job in pending:
-            outcomes[job.name].status = "not started"
+            outcomes[job.name].status, outcomes[job.name].error = "not started", "stopped before it started"
         for bar in bars.values():
             bar.close()
-        raise
+        raise Stopped(outcomes) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return outcomes
+
+
+def run_jobs_here(jobs):
+    """The same schedule one job after another in this process, on one torch thread (as each
+    child has): the reference that `run_jobs` must match number for number. Ctrl-C stops the
+    running job at a step boundary and raises `Stopped` with the outcomes so far."""
+    check_order(jobs)
+    pending, outcomes = list(jobs), {job.name: Outcome(job.name) for job in jobs}
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:            # a user's own setting wins
+        torch.set_num_threads(1)
+    try:
+        while pending:
+            for job in ready(pending, outcomes, 1):
+                outcome = outcomes[job.name]
+                outcome.status, outcome.started = "running", time.perf_counter()
+                try:
+                    outcome.result = _call(job)
+                    outcome.status = "done"
+                except (runs.Interrupted, KeyboardInterrupt) as error:
+                    outcome.status, outcome.error = "interrupted", str(error) or "interrupted"
+                    for other in pending:
+                        outcomes[other.name].status, outcomes[other.name].error = \
+                            "not started", "stopped before it started"
+                    raise Stopped(outcomes) from None
+                except Exception as error:                 # named in the outcome; the others go on
+                    outcome.status, outcome.error, outcome.details = "failed", _line(error), traceback.format_exc()
+                    outcome.error_type = type(error).__name__
+                finally:
+                    outcome.ended = time.perf_counter()
+                    outcome.seconds = outcome.ended - outcome.started
+    finally:
+        torch.set_num_threads(threads)
+    return outcomes
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped `run_jobs`; `outcomes` says what finished, stopped, never started."""
+
+    def __init__(self, outcomes):
+        super().__init__("stopped")
+        self.outcomes = outcomes
+
+
+def check_order(jobs):
+    """Each job may only need jobs listed before it: then the schedule has no cycle."""
+    seen = set()
+    for job in jobs:
+        missing = [d for d in job.after if d not in seen]
+        if missing:
+            raise ValueError(f"job {job.name} needs {', '.join(missing)}, which is not listed before it")
+        seen.add(job.name)
+
+
+def ready(pending, outcomes, free):
+    """Take from `pending` (in order) up to `free` jobs whose dependencies are all done; a job
+    whose dependency failed, was stopped or never started is marked "not started", naming it."""
+    taken = []
+    for job in list(pending):
+        states = {d: outcomes[d].status for d in job.after}
+        blocked = [d for d, state in states.items() if state in ("failed", "interrupted", "not started")]
+        if blocked:
+            pending.remove(job)
+            outcome = outcomes[job.name]
+            outcome.status = "not started"
+            outcome.error = f"needs {blocked[0]}, which {_past(outcomes[blocked[0]].status)}"
+        elif len(taken) < free and all(state == "done" for state in states.values()):
+            pending.remove(job)
+            taken.append(job)
+    return taken
+
+
+def _past(status):
+    return {"failed": "failed", "interrupted": "was stopped", "not started": "did not start"}[status]
 
 
 # ---------------------------------------------------------------------------
@@ -150,12 +246,12 @@ def _drain(messages, outcomes, bars, block):
             bars[name].n = step
             bars[name].refresh()
         elif kind in ("done", "failed", "interrupted"):
-            outcome = outcomes[name]
-            outcome.status = kind
+            outcome = outcomes[name]        # its end: a job that needs it may start from now on
+            outcome.status, outcome.ended = kind, time.perf_counter()
             if kind == "done":
                 outcome.result = payload[0]
             else:
-                outcome.error, outcome.details = payload
+                outcome.error, outcome.details, outcome.error_type = payload
         try:
             kind, name, *payload = messages.get_nowait()
         except queue.Empty:
@@ -176,14 +272,21 @@ def _child(job, messages):
 
     runs.on_step = on_step
     try:
-        module, function = job.target.split(":")
-        result = getattr(importlib.import_module(module), function)(**job.kwargs)
+        result = _call(job)
         messages.put(("done", job.name, result if _plain(result) else None))
     except (runs.Interrupted, KeyboardInterrupt) as error:
-        messages.put(("interrupted", job.name, str(error) or "interrupted", ""))
+        messages.put(("interrupted", job.name, str(error) or "interrupted", "", ""))
     except BaseException as error:                         # reported to the parent, never lost
-        line = f"{type(error).__name__}: {error}".splitlines()[0]
-        messages.put(("failed", job.name, line, traceback.format_exc()))
+        messages.put(("failed", job.name, _line(error), traceback.format_exc(), type(error).__name__))
+
+
+def _call(job):
+    module, function = job.target.split(":")
+    return getattr(importlib.import_module(module), function)(**job.kwargs)
+
+
+def _line(error):
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def _plain(value):

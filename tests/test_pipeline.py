@@ -2,12 +2,24 @@
 
 Checks that `run` writes every stage's folder (GRPO and RLOO included), a combined summary
 with the same keys for every method, gold_vs_kl.png and a report whose table and sentences
-come from the measured numbers; and that `frontier --from` reuses that run's models and writes its
-figures and a report that compares DPO and PPO with a noise threshold; that its seed bands
-(`band_seeds`) train the headline methods again on other seeds, are drawn, and that the report
-says which bands hold training noise and which only sampling noise.
+come from the measured numbers; that the stages after collect run side by side in the order
+their dependencies allow, with the same numbers as one after another, through a SIGTERM and
+--resume, and that a failing stage is named while the others finish; and that `frontier --from`
+reuses that run's models and writes its figures and a report that compares DPO and PPO with a
+noise threshold; that its seed bands (`band_seeds`) train the headline methods again on other
+seeds, are drawn, and that the report says which bands hold training noise and which only
+sampling noise.
+
+The later `run` tests copy the first run's sft/ and prefs/ and continue with --resume: only the
+stages after collect run again, which keeps this file short.
 """
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,13 +28,34 @@ from minirlhf.config import apply_overrides
 from minirlhf.files import load_torch
 from minirlhf.experiments import FAST, FrontierConfig, run_frontier
 from minirlhf.frontier_report import band_section, band_stats, best_within, frontier_envelope, plot_frontier
-from minirlhf.pipeline import METHODS, run_pipeline
+from minirlhf.__main__ import main
+from minirlhf.parallel import Outcome
+from minirlhf.pipeline import METHODS, SIDE_BY_SIDE, StageFailed, check_outcomes, run_pipeline
 
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    return out, run_pipeline(out, fast=True, progress=False)
+    return out, run_pipeline(out, fast=True, progress=False, workers=2)
+
+
+def after_collect(base, out, keep=()):
+    """A run folder holding `base`'s finished sft/ and prefs/ (and the stages in `keep`)."""
+    out.mkdir()
+    for name in ("run.json", "timings.json"):
+        shutil.copy(base / name, out / name)
+    for stage in ("sft", "prefs", *keep):
+        shutil.copytree(base / stage, out / stage)
+    return out
+
+
+def numbers(combined):
+    """Every stage's summary without its timings (wall_seconds, train/seconds)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if "seconds" not in k}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+    return strip(combined["stages"])
 
 
 def test_run_writes_every_stage_and_a_report(fast_run):
@@ -41,6 +74,78 @@ def test_run_writes_every_stage_and_a_report(fast_run):
     assert json.loads((out / "rloo" / "config.json").read_text())["advantage"] == "rloo"
     assert "(bound)" in report and "## Samples for the same prompts" in report
     assert (out / "gold_vs_kl.png").stat().st_size > 1000
+
+
+def test_stages_start_after_what_they_need_and_the_report_shows_the_schedule(fast_run):
+    out, combined = fast_run
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings.keys() == combined["stages"].keys()
+    for name, needs in SIDE_BY_SIDE:
+        assert timings[name]["start"] >= timings["prefs"]["end"], f"{name} started before collect ended"
+        for need in needs:
+            assert timings[name]["start"] >= timings[need]["end"], f"{name} started before {need} ended"
+        assert abs(timings[name]["seconds"] - combined["stages"][name]["wall_seconds"]) < 1e-9
+    report = (out / "report.md").read_text()
+    assert "## Schedule" in report and "| stage | started (s) | ended (s) | wall (s) | ran beside |" in report
+    assert f"| rm | {timings['rm']['start']:.1f} | {timings['rm']['end']:.1f} |" in report
+    assert f"the stages' own times add up to {combined['stage_seconds']:.1f} s" in report
+    beside = [n for n, _ in SIDE_BY_SIDE if n != "rm" and timings[n]["start"] < timings["rm"]["end"]]
+    assert beside, "with two workers something runs beside the reward model"     # dpo: it needs no rm
+    assert (out / "schedule.png").stat().st_size > 1000
+
+
+def test_one_worker_gives_the_same_numbers_as_side_by_side(fast_run, tmp_path):
+    # Bit for bit: every stage after collect runs on one torch thread either way (torch's results
+    # depend on the thread count, so side by side vs one after another must not change it).
+    base, combined = fast_run
+    one = run_pipeline(after_collect(base, tmp_path / "one"), fast=True, resume=True, progress=False, workers=1)
+    assert one["workers"] == 1 and numbers(one) == numbers(combined)
+
+
+def test_sigterm_stops_every_stage_and_resume_finishes_with_the_same_numbers(fast_run, tmp_path):
+    base, combined = fast_run
+    out = after_collect(base, tmp_path / "stopped")
+    command = [sys.executable, "-m", "minirlhf", "run", "--fast", "--quiet", "--resume", "--workers", "2",
+               "--out", str(out)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any((out / s / "metrics.jsonl").exists() for s in ("rm", "dpo")) and time.monotonic() < deadline:
+        time.sleep(0.05)                               # until a stage after collect is training
+    os.kill(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "--resume to finish the run" in err.strip().splitlines()[-1]
+    assert not (out / "summary.json").exists()
+    again = run_pipeline(out, fast=True, resume=True, progress=False, workers=2)
+    assert numbers(again) == numbers(combined)
+
+
+def test_a_failing_stage_is_named_and_the_others_finish(fast_run, tmp_path, capsys):
+    base, _ = fast_run
+    out = after_collect(base, tmp_path / "failing", keep=("dpo", "preferred_ft"))
+    for name in ("pairs.jsonl", "rankings.jsonl"):                 # the reward model cannot read them
+        with open(out / "prefs" / name, "a") as f:
+            f.write("not json\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "--fast", "--quiet", "--resume", "--out", str(out)])
+    assert stop.value.code == 2                                    # a DataError, as when rm runs alone
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: stage rm failed: DataError: ") and "\n" not in line
+    assert "not started: ppo (needs rm, which failed)" in line and "--resume" in line
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == {"sft", "prefs", "dpo", "preferred_ft"}          # the finished stages only
+    assert not (out / "summary.json").exists() and not (out / "ppo").exists()
+
+
+def test_a_crash_in_a_stage_exits_1_and_the_users_error_exits_2():
+    crash = Outcome("ppo", "failed", error="RuntimeError: boom", error_type="RuntimeError", details="Traceback")
+    bad_input = Outcome("rm", "failed", error="DataError: x.jsonl:3: not valid JSON", error_type="DataError")
+    done = Outcome("dpo", "done")
+    for outcomes, code in (([crash, done], 1), ([bad_input, done], 2), ([bad_input, crash], 1)):
+        with pytest.raises(StageFailed) as failed:
+            check_outcomes({o.name: o for o in outcomes})
+        assert failed.value.code == code and "stage " in str(failed.value) and "dpo" not in str(failed.value)
+    check_outcomes({"dpo": done})                                   # nothing failed: nothing raised
 
 
 def test_frontier_reuses_the_run_and_reports_with_noise(fast_run, tmp_path):
