@@ -1,7 +1,9 @@
 """The kit's thread setup (minirlhf/threads.py): what it sets before torch loads, and that the user wins.
 
 Each check runs a fresh interpreter, since the OpenMP variables only matter before torch is
-imported, and this test process imported torch long ago.
+imported, and this test process imported torch long ago. The interpreter gets none of this
+process's OMP_* settings (`pytest -n 2` gives its workers OMP_NUM_THREADS=1), so the checks
+mean the same under any outer setting.
 """
 import os
 import subprocess
@@ -17,6 +19,12 @@ def probe(code, **env_changes):
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
+
+
+def test_probes_do_not_inherit_the_outer_thread_settings(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert probe("import os; print(os.environ.get('OMP_NUM_THREADS'), os.environ.get('OMP_WAIT_POLICY'))") == "None None"
 
 
 POLICY = "import minirlhf, os; print(os.environ.get('OMP_WAIT_POLICY'))"
