@@ -87,7 +87,12 @@ def printed(cell):
 SKIP_MARK = "⏭ skipped:"   # notebooks/course.py SKIP_MARK
 
 
-@pytest.mark.parametrize("kit", ["solution", "student"])
+# Each kit's notebooks reuse each other's runs (notebook_runs), so under xdist (`pytest -n 2`)
+# a kit's notebooks run in order in one process; the two kits run side by side.
+KITS = [pytest.param(kit, marks=pytest.mark.xdist_group(f"notebooks-{kit}")) for kit in ("solution", "student")]
+
+
+@pytest.mark.parametrize("kit", KITS)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, kit, notebook_runs, request):
     if kit == "student":

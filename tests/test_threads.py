@@ -1,7 +1,9 @@
 """The kit's thread setup (minirlhf/threads.py): what it sets before torch loads, and that the user wins.
 
 Each check runs a fresh interpreter, since the OpenMP variables only matter before torch is
-imported, and this test process imported torch long ago.
+imported, and this test process imported torch long ago. The interpreter gets none of this
+process's OMP_* settings (`pytest -n 2` gives its workers OMP_NUM_THREADS=1), so the checks
+mean the same under any outer setting.
 """
 import os
 import subprocess
@@ -19,19 +21,29 @@ def probe(code, **env_changes):
     return out.stdout.strip()
 
 
+def test_probes_do_not_inherit_the_outer_thread_settings(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert probe("import os; print(os.environ.get('OMP_NUM_THREADS'), os.environ.get('OMP_WAIT_POLICY'))") == "None None"
+
+
+# Each fresh interpreter imports torch, the slow part, so one answers several questions.
 POLICY = "import minirlhf, os; print(os.environ.get('OMP_WAIT_POLICY'))"
 
 
 def test_passive_wait_policy_is_set_before_torch_loads():
-    assert probe(POLICY) == "PASSIVE"
-    # and the import of minirlhf is what loads torch after it
-    assert probe("import sys, minirlhf; print('torch' in sys.modules)") == "True"
+    policy, torch_loaded = probe(POLICY + "; import sys; print('torch' in sys.modules)").splitlines()
+    assert policy == "PASSIVE"
+    assert torch_loaded == "True", "the import of minirlhf is what loads torch, after setting the policy"
 
 
 def test_the_users_own_settings_win():
-    assert probe(POLICY, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
-    assert probe("import minirlhf, torch; print(torch.get_num_threads())", OMP_NUM_THREADS="1") == "1"
-    assert probe("import minirlhf, torch; torch.set_num_threads(1); print(torch.get_num_threads())") == "1"
+    policy, threads, later = probe(POLICY + "; import torch; print(torch.get_num_threads()); "
+                                   "torch.set_num_threads(2); print(torch.get_num_threads())",
+                                   OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1").splitlines()
+    assert policy == "ACTIVE"
+    assert threads == "1"
+    assert later == "2", "a later torch.set_num_threads wins over OMP_NUM_THREADS"
 
 
 def test_off_switch_leaves_torch_defaults():
