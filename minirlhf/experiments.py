@@ -333,6 +333,8 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
         jobs.append(Job("ceiling", "minirlhf.experiments:sample_ceiling", dict(
             base=str(base), path=str(ceiling_path), n_samples=config.ceiling_samples, n_prompts=config.n_eval,
             seed=config.seed, device=device)))
+    # the two longest jobs first, so that no core waits alone on one of them at the end of the sweep
+    jobs.sort(key=lambda job: job.name not in ("ceiling", overopt_dir.name))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     outcomes = run_jobs(jobs, workers=config.workers or None, progress=progress)
     failed = [o for o in outcomes.values() if o.status != "done"]
