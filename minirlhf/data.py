@@ -101,6 +101,16 @@ def write_jsonl(path, records):
     atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
+def write_splits(out_dir, splits):
+    """Write {split: records} to `out_dir/<split>.jsonl` (the folder is made); {split: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / f"{name}.jsonl" for name in splits}
+    for name, records in splits.items():
+        write_jsonl(paths[name], records)
+    return paths
+
+
 def default_path(split):
     """The path of a split shipped in data/ (e.g. 'sft_train')."""
     return DATA_DIR / f"{split}.jsonl"

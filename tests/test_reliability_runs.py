@@ -57,23 +57,22 @@ class ToyConfig:
 
 def finished_run(out, config=ToyConfig(), steps=3):
     """A finished toy run in `out`: config.json, metrics.jsonl, model.pt, summary.json."""
-    model = torch.nn.Linear(2, 1)
-    with harness.Run(out, "toy", config, progress=False) as run:
-        run.start({"model": model})
-        for step in run.steps(steps):
-            run.log({"step": step + 1, "loss": float(step)})
-            run.checkpoint(step + 1)
-        return run.finish({"done": 1}, model)
+    return toy_run(out, config, steps, finish=True)
 
 
 def interrupted_run(out, config=ToyConfig(), steps=2):
+    """A toy run that stops after `steps` checkpoints without finishing; its model."""
+    return toy_run(out, config, steps, finish=False)
+
+
+def toy_run(out, config, steps, finish):
     model = torch.nn.Linear(2, 1)
     with harness.Run(out, "toy", config, progress=False) as run:
         run.start({"model": model})
         for step in run.steps(steps):
             run.log({"step": step + 1, "loss": float(step)})
             run.checkpoint(step + 1)
-    return model
+        return run.finish({"done": 1}, model) if finish else model
 
 
 def snapshot(folder):

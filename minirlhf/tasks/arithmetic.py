@@ -29,7 +29,7 @@ import re
 import types
 from pathlib import Path
 
-from minirlhf.data import DATA_DIR, write_jsonl
+from minirlhf.data import DATA_DIR, write_splits
 
 MAX_DIGITS = 2          # operands are drawn uniformly from 0 .. 10**MAX_DIGITS - 1
 ERROR_RATE = 0.6        # fraction of demonstrations whose answer has a one-digit slip
@@ -139,13 +139,7 @@ def make_datasets(seed=0, error_rate=ERROR_RATE):
 
 def write_datasets(out_dir, seed=0):
     """Write each split to `out_dir/arithmetic/<split>.jsonl`; the same seed gives identical files."""
-    out_dir = Path(out_dir) / DATA_SUBDIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, records in make_datasets(seed).items():
-        paths[name] = out_dir / f"{name}.jsonl"
-        write_jsonl(paths[name], records)
-    return paths
+    return write_splits(Path(out_dir) / DATA_SUBDIR, make_datasets(seed))
 
 
 # ---------------------------------------------------------------------------

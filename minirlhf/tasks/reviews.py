@@ -30,7 +30,7 @@ import math
 import random
 from pathlib import Path
 
-from minirlhf.data import write_jsonl
+from minirlhf.data import write_splits
 
 # ---------------------------------------------------------------------------
 # The vocabulary of the grammar, with each word's polarity
@@ -239,10 +239,4 @@ def make_datasets(seed=0):
 
 def write_datasets(out_dir, seed=0):
     """Write each split to `out_dir/<split>.jsonl`; the same seed gives byte-identical files."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, records in make_datasets(seed).items():
-        paths[name] = out_dir / f"{name}.jsonl"
-        write_jsonl(paths[name], records)
-    return paths
+    return write_splits(Path(out_dir), make_datasets(seed))
