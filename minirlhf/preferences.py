@@ -13,6 +13,7 @@ fewer sequences than there are pair sides, and log π_ref of each is computed on
 Deliberate simplification: all rankings in a file must have the same K.
 """
 import dataclasses
+import hashlib
 import itertools
 from pathlib import Path
 from typing import Optional
@@ -97,9 +98,40 @@ def tokenize_preferences(prefs, tokenizer, block_size, max_prompt_tokens):
 
 @torch.no_grad()
 def logps_of_sequences(model, sequences, pad_id, device, batch_size=256):
-    """(S,) summed response log-probs of (ids, n_prompt) examples, batched by length (less padding)."""
-    return by_length_in_chunks(lambda *batch: sequence_logprobs(model, *batch), sequences, pad_id, device,
-                               batch_size).cpu()
+    """(S,) summed response log-probs of (ids, n_prompt) examples, batched by length (less padding).
+
+    The batches are cut from the sequences in an order fixed by their content alone (length, then
+    tokens), not by the file's order: the same sequences under the same model give the same
+    numbers to the last bit whichever file they came from (a batch's round-off depends on what is
+    in it). That makes the result safe to remember (`_REFERENCE_SCORES`)."""
+    order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i][0]), sequences[i][0], sequences[i][1]))
+    canonical = tuple((tuple(sequences[i][0]), sequences[i][1]) for i in order)
+    key = (model_fingerprint(model), model.training, canonical, pad_id, str(device), batch_size,
+           torch.get_num_threads())
+    if key not in _REFERENCE_SCORES:
+        scores = by_length_in_chunks(lambda *batch: sequence_logprobs(model, *batch), list(canonical), pad_id,
+                                     device, batch_size).cpu()
+        while len(_REFERENCE_SCORES) >= 4:         # the last four files scored (a run reads two)
+            del _REFERENCE_SCORES[next(iter(_REFERENCE_SCORES))]
+        _REFERENCE_SCORES[key] = scores
+    inverse = torch.argsort(torch.tensor(order))   # (S,) where each input sequence sits in `canonical`
+    return _REFERENCE_SCORES[key][inverse].clone()
+
+
+# A notebook or a sweep in one process trains several DPO runs from one SFT model on the same
+# rankings (or on the same completions relabelled): each would score the same sequences under the
+# same frozen π_ref again (~20 s at the default sizes). The last scorings are kept here, keyed by
+# everything the numbers depend on, so a repeat costs nothing and returns the very same tensor.
+_REFERENCE_SCORES = {}
+
+
+def model_fingerprint(model):
+    """A hash of a model's weights (and buffers): equal for two loads of one checkpoint."""
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_pair_sequences(path, tokenizer, reference, config, device, with_reference=True):

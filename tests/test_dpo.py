@@ -136,6 +136,39 @@ def test_deduplicated_reference_logps_equal_per_pair_ones(pipeline):
         assert tokenizer.decode(chosen_ids[:-1]) == records[n]["prompt"] + records[n]["chosen"]
 
 
+def test_reference_scores_depend_on_the_sequences_not_on_their_order_and_are_remembered(pipeline, monkeypatch):
+    """log π_ref of a sequence is the same to the last bit whatever order (or file) it comes in,
+    so a second scoring of the same sequences by the same weights can be served from memory, and
+    is; other weights are scored afresh."""
+    from minirlhf import preferences
+    sft_dir, pairs, _ = pipeline
+    tokenizer = load_tokenizer()
+    reference = load_gpt(sft_dir, tokenizer=tokenizer)
+    sequences = load_pair_sequences(pairs, tokenizer, reference, DPOConfig(), "cpu", with_reference=False).sequences
+    preferences._REFERENCE_SCORES.clear()
+    first = preferences.logps_of_sequences(reference, sequences, tokenizer.eot_token, "cpu", batch_size=64)
+    shuffled = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
+    calls = []
+    real = preferences.by_length_in_chunks
+    monkeypatch.setattr(preferences, "by_length_in_chunks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = preferences.logps_of_sequences(reference, [sequences[i] for i in shuffled], tokenizer.eot_token, "cpu",
+                                           batch_size=64)
+    assert calls == [], "the same sequences under the same weights were scored again"
+    assert torch.equal(again, first[shuffled]), "each sequence keeps its own score, in the caller's order"
+    again[0] = 123.0                                                       # the caller's copy, not the memory's
+    reloaded = load_gpt(sft_dir, tokenizer=tokenizer)                      # another load of the same checkpoint
+    assert torch.equal(preferences.logps_of_sequences(reloaded, sequences, tokenizer.eot_token, "cpu", batch_size=64),
+                       first) and calls == []
+    preferences._REFERENCE_SCORES.clear()                                  # scored afresh in another order:
+    fresh = preferences.logps_of_sequences(reference, [sequences[i] for i in shuffled], tokenizer.eot_token, "cpu",
+                                           batch_size=64)
+    assert calls == [1] and torch.equal(fresh, first[shuffled]), "bit-identical without the memory too"
+    with torch.no_grad():
+        reloaded.lm_head.weight.mul_(1.01)                                # other weights: other numbers
+    other = preferences.logps_of_sequences(reloaded, sequences, tokenizer.eot_token, "cpu", batch_size=64)
+    assert calls == [1, 1] and not torch.allclose(other, first)
+
+
 def test_best_of_one_is_sft_sampling(pipeline, tmp_path):
     """N = 1 keeps the only sample: the summary equals evaluate_policy's on the SFT model, KL 0.
     The ranker is an untrained reward-model folder, which exercises loading it."""
