@@ -20,13 +20,14 @@ import dataclasses
 import itertools
 import random
 import statistics
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from minirlhf.checkpoints import load_gpt
 from minirlhf.config import NON_NEGATIVE, POSITIVE, at_least, between, check_generation_fits, checked, require, validate
-from minirlhf.data import default_path, read_prompts, write_jsonl
+from minirlhf.data import default_path, read_jsonl, read_prompts, write_jsonl
 from minirlhf.preferences import pairs_of_ranking
 from minirlhf.runs import Run, check_same_task
 from minirlhf.sampling import generate
@@ -126,18 +127,49 @@ def collect(config, sft_dir, out_dir, device="cpu", overwrite=False, progress=Tr
     with Run(out_dir, "collect", config, overwrite=overwrite, sft=sft_dir) as run:
         run.start({})
         rankings, ordered_golds, all_golds = label(policy, tokenizer, prompts, gold_fn, config, progress)
-        test, train = rankings[:n_test], rankings[n_test:]
-        for name, records in (("rankings", train), ("rankings_test", test)):
-            write_jsonl(run.out_dir / f"{name}.jsonl", records)
-            write_jsonl(run.out_dir / f"{name.replace('rankings', 'pairs')}.jsonl",
-                        [pair for r in records for pair in pairs_of_ranking(r["prompt"], r["completions"])])
-        summary = {
-            "labels/agreement": label_agreement(ordered_golds[n_test:]),
-            "labels/agreement_test": label_agreement(ordered_golds[:n_test]),
-            "labels/mean_gold": statistics.mean(all_golds),
-            "labels/train_rankings": len(train),
-            "labels/test_rankings": len(test),
-            "labels/train_pairs": len(train) * config.k * (config.k - 1) // 2,
-            "labels/identical_completions": sum(len(set(r["completions"])) < config.k for r in rankings) / len(rankings),
-        }
-        return run.finish(summary)
+        return run.finish(write_rankings(run.out_dir, rankings, ordered_golds, all_golds, n_test))
+
+
+def relabel(config, prefs_dir, out_dir, overwrite=False, progress=True):
+    """Rank the completions of a finished collection again, with a labeler of temperature
+    `config.labeler_temperature` (and `config.seed`, `config.task`; the other fields are unused):
+    the same samples and the same train/held-out split, another labeler. Between the two folders
+    only the label noise differs, which is what an experiment on noisy labels wants (notebook
+    04), and nothing is sampled, so it takes seconds. Returns the summary, as `collect` does."""
+    config.validate()
+    prefs_dir = Path(prefs_dir)
+    check_same_task(config.task, prefs=prefs_dir)
+    gold_fn = get_task(config.task).gold_reward
+    test, train = (read_jsonl(prefs_dir / f"{name}.jsonl", "rankings") for name in ("rankings_test", "rankings"))
+    with Run(out_dir, "collect", config, overwrite=overwrite, prefs=prefs_dir) as run:
+        run.start({})
+        labeler_rng = torch.Generator().manual_seed(config.seed + 1)      # as `label` seeds it
+        rankings, ordered_golds, all_golds = [], [], []
+        for record in tqdm(test + train, desc="relabel", disable=not progress):   # collect's order: held-out first
+            group = record["completions"]
+            group_gold = gold_fn([record["prompt"] + c for c in group])
+            order = plackett_luce_ranking(group_gold, config.labeler_temperature, labeler_rng)
+            rankings.append({"prompt": record["prompt"], "completions": [group[j] for j in order]})
+            ordered_golds.append([group_gold[j] for j in order])
+            all_golds.extend(group_gold)
+        return run.finish(write_rankings(run.out_dir, rankings, ordered_golds, all_golds, len(test)))
+
+
+def write_rankings(out_dir, rankings, ordered_golds, all_golds, n_test):
+    """Write the first `n_test` rankings as the held-out files and the rest as the training files
+    (rankings and their pairs); return the summary of the labels."""
+    test, train = rankings[:n_test], rankings[n_test:]
+    for name, records in (("rankings", train), ("rankings_test", test)):
+        write_jsonl(out_dir / f"{name}.jsonl", records)
+        write_jsonl(out_dir / f"{name.replace('rankings', 'pairs')}.jsonl",
+                    [pair for r in records for pair in pairs_of_ranking(r["prompt"], r["completions"])])
+    k = len(rankings[0]["completions"])
+    return {
+        "labels/agreement": label_agreement(ordered_golds[n_test:]),
+        "labels/agreement_test": label_agreement(ordered_golds[:n_test]),
+        "labels/mean_gold": statistics.mean(all_golds),
+        "labels/train_rankings": len(train),
+        "labels/test_rankings": len(test),
+        "labels/train_pairs": len(train) * k * (k - 1) // 2,
+        "labels/identical_completions": sum(len(set(r["completions"])) < k for r in rankings) / len(rankings),
+    }

@@ -8,7 +8,9 @@ What is checked:
     K = 3 the item ranked first follows softmax(g/τ);
   - a tiny collect run (a tiny SFT model trained here): with τ = 0 every label agrees with
     the gold judge (labels/agreement == 1), the files hold what the summary says, each
-    pairs file is exactly the pairs of its rankings file.
+    pairs file is exactly the pairs of its rankings file;
+  - relabel: the same completions and split ranked again; τ = 0 restores perfect labels on a
+    noisy collection, a large τ makes them near coin flips; a folder without rankings is refused.
 """
 import math
 
@@ -16,7 +18,8 @@ import pytest
 import torch
 
 from helpers import tiny_sft_dir
-from minirlhf.collect import CollectConfig, collect, label_agreement, plackett_luce_ranking
+from minirlhf.collect import CollectConfig, collect, label_agreement, plackett_luce_ranking, relabel
+from minirlhf.data import DataError
 from minirlhf.config import apply_overrides
 from minirlhf.data import read_jsonl
 from minirlhf.preferences import pairs_of_ranking
@@ -101,3 +104,42 @@ def test_files_match_the_summary_and_each_other(perfect_labels):
         expected = [p for r in rankings for p in pairs_of_ranking(r["prompt"], r["completions"])]
         assert read_jsonl(out / f"{name}.jsonl", "pairs") == expected
     assert len(read_jsonl(out / "pairs.jsonl", "pairs")) == summary["labels/train_pairs"] == 36 * 3
+
+
+# ---------------------------------------------------------------------------
+# relabel: the same completions, another labeler
+
+
+def completions_by_prompt(folder, name):
+    return {r["prompt"]: sorted(r["completions"]) for r in read_jsonl(folder / f"{name}.jsonl", "rankings")}
+
+
+def test_relabel_keeps_the_samples_and_the_split_and_changes_only_the_order(tmp_path):
+    noisy_config = apply_overrides(CollectConfig(), dict(n_prompts=40, k=3, labeler_temperature=10.0))
+    noisy = collect(noisy_config, tiny_sft_dir(), tmp_path / "noisy", progress=False)
+    assert noisy["labels/agreement"] < 0.8                      # τ = 10: near coin flips (0.5)
+    exact = relabel(apply_overrides(noisy_config, {"labeler_temperature": 0.0}), tmp_path / "noisy",
+                    tmp_path / "exact", progress=False)
+    assert exact["labels/agreement"] == exact["labels/agreement_test"] == 1.0
+    for key in ("labels/train_rankings", "labels/test_rankings", "labels/train_pairs", "labels/mean_gold",
+                "labels/identical_completions"):
+        assert exact[key] == pytest.approx(noisy[key]), key
+    gold = get_task().gold_reward
+    for name in ("rankings", "rankings_test"):
+        assert completions_by_prompt(tmp_path / "exact", name) == completions_by_prompt(tmp_path / "noisy", name)
+        for record in read_jsonl(tmp_path / "exact" / f"{name}.jsonl", "rankings"):
+            scores = gold([record["prompt"] + c for c in record["completions"]])
+            assert scores == sorted(scores, reverse=True)
+        rankings = read_jsonl(tmp_path / "exact" / f"{name}.jsonl", "rankings")
+        expected = [p for r in rankings for p in pairs_of_ranking(r["prompt"], r["completions"])]
+        assert read_jsonl(tmp_path / "exact" / f"{name.replace('rankings', 'pairs')}.jsonl", "pairs") == expected
+    again = relabel(noisy_config, tmp_path / "exact", tmp_path / "noisy_again", progress=False)
+    assert again["labels/agreement"] < 0.8                      # and back to noise
+    assert (tmp_path / "exact" / "summary.json").exists()       # a finished run folder, like collect's
+
+
+def test_relabel_refuses_a_folder_without_rankings(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="rankings_test.jsonl: no such file"):
+        relabel(CollectConfig(), tmp_path / "empty", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()                      # refused before anything is written
