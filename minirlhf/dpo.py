@@ -13,8 +13,10 @@ sampling, no RL. The variants (IPO, cDPO, robust, hinge) change only the loss of
 
 This stage trains on the same rankings the reward model sees (`minirlhf.preferences`); the
 policy starts from the SFT model, which also serves, frozen, as π_ref. Because π_ref never
-changes, its log-probs are computed once, before training (`load_pair_sequences`). A batch is
-a few whole rankings: their C(K,2) pairs cost only K sequences in the forward pass.
+changes, its log-probs are computed once, before training (`load_pair_sequences`), and a
+process that trains several runs from one SFT model on the same completions (a notebook) reuses
+them, bit for bit (`preferences.logps_of_sequences`). A batch is a few whole rankings: their
+C(K,2) pairs cost only K sequences in the forward pass.
 
 Deliberate simplifications: rankings are drawn at random each step with a generator that
 depends only on (seed, step), so --resume continues exactly; log-probs are summed over
