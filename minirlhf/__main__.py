@@ -298,7 +298,8 @@ def run_flags(p):
     p.add_argument("--task", default="reviews", help=f"the toy task: {', '.join(TASKS)} (a verifier task runs "
                                                      "sft, grpo, ppo, dpo and best-of-n, then pass@k)")
     p.add_argument("--workers", type=int, default=None,
-                   help="stages at once after collect (default: one per core); 1 runs them one after another")
+                   help="stages at once after collect (default: one per core; with --fast, 1); "
+                        "1 runs them one after another in this process, with the same numbers")
 
 
 def cmd_frontier(args):

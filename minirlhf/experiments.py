@@ -25,7 +25,8 @@ model:
   model) are shared by every seed, so their noise is in no band.
 
 The runs are independent, so they run side by side as processes, one thread each, as many
-at once as there are cores (`parallel.py`; `--set workers=1` runs them one at a time).
+at once as there are cores (`parallel.py`; `--set workers=1` runs them one after another in
+this process, also on one thread: the same numbers).
 
 The report states which frontier is higher at each KL budget, from the measured points;
 it does not assume the paper's answer.
@@ -46,7 +47,7 @@ from minirlhf.files import load_torch, read_json, save_torch, write_json
 from minirlhf.frontier_report import (COLOURS, best_within, efficiency_table, frontier_envelope,  # noqa: F401
                                       plot_ceiling_convergence, plot_frontier, plot_overoptimisation, write_report)
 from minirlhf.optim import step_generator
-from minirlhf.parallel import Job, run_jobs
+from minirlhf.parallel import Job, run_jobs, run_jobs_here
 from minirlhf.pipeline import stage_functions
 from minirlhf.sampling import sample_completions
 from minirlhf.tasks import get_task
@@ -108,10 +109,13 @@ FAST = dict(dpo_betas="0.1,1.0", rpo_betas="0.25", ppo_kl_coefs="0.05,0.5", ppo_
             ppo_eval_every=4, dpo_eval_every=10, overopt_iterations=12, ceiling_samples=256)
 # Notebook 05 under MINIRLHF_FAST=1 (issue #20): one setting per method, 16 prompts per evaluation, a ceiling
 # trusted down to 8 effective samples, one extra seed for two bands: every part of the sweep runs, and its
-# numbers show nothing (plumbing only).
+# numbers show nothing (plumbing only). Its base models are tiny too, so its runs go one after another in the
+# notebook's process (workers=1): starting a process per run cost more than running two at once saved
+# (a tiny sweep: 57 s side by side, 32 s in one process, the same numbers). On full-size base models the
+# runs are long enough for two cores to pay: FAST keeps one process per core.
 NOTEBOOK_FAST = {**FAST, "dpo_betas": "0.1", "ppo_kl_coefs": "0.05", "ppo_gt_kl_coefs": "", "rloo_kl_coefs": "",
                  "temperatures": "1.0", "n_eval": 16, "overopt_iterations": 4, "ceiling_samples": 64,
-                 "ceiling_min_ess": 8.0, "band_seeds": 1, "band_methods": "ppo,best_of_n"}
+                 "ceiling_min_ess": 8.0, "band_seeds": 1, "band_methods": "ppo,best_of_n", "workers": 1}
 
 
 class SweepFailed(RuntimeError):
@@ -189,9 +193,10 @@ def run_dir_of(out, method, label, seed=None):
     return out / "runs" / (name if seed is None else f"{name}_seed{seed}")
 
 
-def train_point(method, config, base, out_dir, resume=False, overwrite=False, device="cpu"):
-    """One training run of the sweep, in its own process (`parallel.run_jobs`)."""
-    base, kw = Path(base), dict(device=device, overwrite=overwrite, progress=False)
+def train_point(method, config, base, out_dir, resume=False, overwrite=False, device="cpu", progress=False):
+    """One training run of the sweep, in its own process (`parallel.run_jobs`; its bar is the
+    parent's) or in this one (`workers=1`: its own bar)."""
+    base, kw = Path(base), dict(device=device, overwrite=overwrite, progress=progress)
     if method == "best_of_n":
         return baselines.run_best_of_n(config, base / "sft", base / "rm", out_dir, **kw)
     second = base / "prefs" / "rankings.jsonl" if method in PREFERENCE_METHODS else base / "rm"
@@ -328,7 +333,7 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
         if not (resume and (run_dir / "summary.json").exists()) and run_dir.name not in {j.name for j in jobs}:
             jobs.append(Job(run_dir.name, "minirlhf.experiments:train_point", dict(
                 method=method, config=cfg, base=str(base), out_dir=str(run_dir), device=device, overwrite=overwrite,
-                resume=resume and (run_dir / "checkpoint.pt").exists())))
+                resume=resume and (run_dir / "checkpoint.pt").exists(), progress=progress and config.workers == 1)))
     if config.ceiling_samples and not (resume and ceiling_path.exists()):
         jobs.append(Job("ceiling", "minirlhf.experiments:sample_ceiling", dict(
             base=str(base), path=str(ceiling_path), n_samples=config.ceiling_samples, n_prompts=config.n_eval,
@@ -336,7 +341,10 @@ def run_frontier(config, out_dir, base_dir=None, fast=False, device="cpu", resum
     # the two longest jobs first, so that no core waits alone on one of them at the end of the sweep
     jobs.sort(key=lambda job: job.name not in ("ceiling", overopt_dir.name))
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    outcomes = run_jobs(jobs, workers=config.workers or None, progress=progress)
+    # workers=1: one run after another in this process (no process to start per run: at the fast
+    # sizes that start costs more than the run), on one thread as a child has: the same numbers
+    outcomes = (run_jobs_here(jobs) if config.workers == 1 else
+                run_jobs(jobs, workers=config.workers or None, progress=progress))
     failed = [o for o in outcomes.values() if o.status != "done"]
     if failed:
         raise SweepFailed("; ".join(f"{o.name}: {o.error}" for o in failed) +

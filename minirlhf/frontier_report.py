@@ -147,13 +147,20 @@ def plot_overoptimisation(rows, path):
     fig.savefig(path, dpi=100)
 
 
+def schedule_words(workers):
+    """How the sweep's runs shared the machine, as the report's first line says it."""
+    if workers == 1:
+        return "one run after another in one process"
+    return f"{workers or 'one per core'} runs at a time"
+
+
 def write_report(summary, path):
     results = summary["results"]
     methods = [m for m in NAMES if m in results]
     lines = ["# Reward vs KL frontier", "",
              f"Seed {summary['seed']}, {'fast' if summary['fast'] else 'full'} sweep, "
              f"{summary['total_seconds'] / 60:.1f} minutes "
-             f"({summary.get('workers') or 'one per core'} runs at a time, one thread each). Base models (SFT, preferences, reward model): "
+             f"({schedule_words(summary.get('workers'))}, one thread each). Base models (SFT, preferences, reward model): "
              f"`{summary['base']}`. Every point is one evaluation: gold reward and KL(π‖π_SFT) "
              "of one sample per test prompt (Best-of-N: the analytic KL bound log N − (N−1)/N).", "",
              "![frontier](frontier.png)", "", "## Best gold reward within a KL budget", "",
