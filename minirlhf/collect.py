@@ -72,6 +72,13 @@ def plackett_luce_ranking(scores, temperature, rng):
     return sorted(range(len(scores)), key=lambda i: -keys[i])
 
 
+def rank(prompt, completions, golds, temperature, rng):
+    """One labeler's ranking of a prompt's completions: ({"prompt", "completions" best first},
+    their gold scores in that order)."""
+    order = plackett_luce_ranking(golds, temperature, rng)
+    return {"prompt": prompt, "completions": [completions[j] for j in order]}, [golds[j] for j in order]
+
+
 def label_agreement(rankings_with_gold):
     """Share of labeled pairs (with different gold scores) ordered as the gold judge orders them."""
     agree, total = 0, 0
@@ -104,9 +111,9 @@ def label(policy, tokenizer, prompts, gold_fn, config, progress):
         for i, prompt in enumerate(batch):
             group = completions[i * config.k:(i + 1) * config.k]
             group_gold = golds[i * config.k:(i + 1) * config.k]
-            order = plackett_luce_ranking(group_gold, config.labeler_temperature, labeler_rng)
-            rankings.append({"prompt": prompt, "completions": [group[j] for j in order]})
-            ordered_golds.append([group_gold[j] for j in order])
+            ranking, ordered = rank(prompt, group, group_gold, config.labeler_temperature, labeler_rng)
+            rankings.append(ranking)
+            ordered_golds.append(ordered)
             all_golds.extend(group_gold)
     return rankings, ordered_golds, all_golds
 
@@ -148,9 +155,9 @@ def relabel(config, prefs_dir, out_dir, overwrite=False, progress=True):
         for record in tqdm(test + train, desc="relabel", disable=not progress):   # collect's order: held-out first
             group = record["completions"]
             group_gold = gold_fn([record["prompt"] + c for c in group])
-            order = plackett_luce_ranking(group_gold, config.labeler_temperature, labeler_rng)
-            rankings.append({"prompt": record["prompt"], "completions": [group[j] for j in order]})
-            ordered_golds.append([group_gold[j] for j in order])
+            ranking, ordered = rank(record["prompt"], group, group_gold, config.labeler_temperature, labeler_rng)
+            rankings.append(ranking)
+            ordered_golds.append(ordered)
             all_golds.extend(group_gold)
         return run.finish(write_rankings(run.out_dir, rankings, ordered_golds, all_golds, len(test)))
 

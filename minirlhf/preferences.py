@@ -115,7 +115,7 @@ def logps_of_sequences(model, sequences, pad_id, device, batch_size=256):
             del _REFERENCE_SCORES[next(iter(_REFERENCE_SCORES))]
         _REFERENCE_SCORES[key] = scores
     inverse = torch.argsort(torch.tensor(order))   # (S,) where each input sequence sits in `canonical`
-    return _REFERENCE_SCORES[key][inverse].clone()
+    return _REFERENCE_SCORES[key][inverse]         # indexing copies: the caller cannot change the memory
 
 
 # A notebook or a sweep in one process trains several DPO runs from one SFT model on the same
